@@ -1,0 +1,120 @@
+//! Subcommands. `main.rs` only calls [`run`].
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{LogArgs, RegistryArgs};
+use crate::registry::{Resolution, ResolveError, Resolver};
+
+/// Pins Porch KRM function images to digests, fills their entrypoints from the
+/// image config, and mirrors the registry pull secret.
+#[derive(Debug, Parser)]
+#[command(name = "fn-image-resolver", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Resolve images once and print one JSON object per image on stdout.
+    ///
+    /// Exits 1 if any image failed; its line then holds
+    /// {"image": ..., "error": {"kind": ..., "message": ...}}.
+    Resolve(ResolveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Image references, e.g. `set-namespace:v0.4` or `registry:5000/fns/x@sha256:…`.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+}
+
+/// Parses the command line, runs the subcommand, and turns errors into an exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = crate::telemetry::init_logging(&cli.log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Resolve(args) => resolve(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
+    let resolver = Arc::new(Resolver::new(&args.registry.resolver_settings())?);
+    // Resolve concurrently, print in the order given.
+    let tasks: Vec<_> = args
+        .images
+        .iter()
+        .map(|image| {
+            let resolver = resolver.clone();
+            let image = image.clone();
+            tokio::spawn(async move { resolver.resolve(&image, None).await })
+        })
+        .collect();
+    let mut failed = false;
+    let mut stdout = std::io::stdout().lock();
+    for (image, task) in args.images.iter().zip(tasks) {
+        let line = match task.await {
+            Ok(Ok(resolution)) => resolution_json(&resolution),
+            Ok(Err(e)) => {
+                failed = true;
+                error_json(image, &e)
+            }
+            Err(join) => {
+                failed = true;
+                json!({"image": image, "error": {"kind": "internal", "message": format!("resolver task failed: {join}")}})
+            }
+        };
+        writeln!(stdout, "{line}")?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn resolution_json(resolution: &Resolution) -> serde_json::Value {
+    serde_json::to_value(resolution).unwrap_or_else(|e| json!({"image": resolution.image, "error": {"kind": "internal", "message": e.to_string()}}))
+}
+
+/// The JSON error object shared by the CLI and the HTTP endpoint.
+pub fn error_json(image: &str, error: &ResolveError) -> serde_json::Value {
+    let mut err = json!({"kind": error.kind().as_str(), "message": error.to_string()});
+    if let Some(after) = error.retry_after() {
+        err["retryAfterSeconds"] = json!(after.as_secs());
+    }
+    json!({"image": image, "error": err})
+}

@@ -1,0 +1,226 @@
+//! Command-line flags. Every flag can also be set from an environment variable
+//! (`FN_IMAGE_RESOLVER_` + the flag name in upper snake case); the seed flags
+//! keep their exact names, aliases and defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, ValueEnum};
+
+use crate::registry::{Platform, ResolverSettings};
+
+/// Registry access: shared by `resolve` and `serve`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Registry access")]
+pub struct RegistryArgs {
+    /// Use the Docker config at --registry-auth-secret-path for images outside
+    /// the default catalog, and inject the pull secret into their pods.
+    #[arg(long, alias = "enable-private-registry", env = "FN_IMAGE_RESOLVER_ENABLE_PRIVATE_REGISTRIES",
+          value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub enable_private_registries: bool,
+
+    /// Docker config JSON (a mounted kubernetes.io/dockerconfigjson Secret).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_REGISTRY_AUTH_SECRET_PATH",
+        default_value = "/var/tmp/auth-secret/.dockerconfigjson",
+        value_name = "PATH"
+    )]
+    pub registry_auth_secret_path: PathBuf,
+
+    /// Name of the pull secret mirrored into --pod-namespace and injected into pods.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_REGISTRY_AUTH_SECRET_NAME",
+        default_value = "auth-secret",
+        value_name = "NAME"
+    )]
+    pub registry_auth_secret_name: String,
+
+    /// Verify registries with the CA in --tls-secret-path first, then the system
+    /// roots (then plain HTTP, for --insecure-registry hosts only).
+    #[arg(long, alias = "enable-private-registry-tls", env = "FN_IMAGE_RESOLVER_ENABLE_PRIVATE_REGISTRIES_TLS",
+          value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub enable_private_registries_tls: bool,
+
+    /// Directory holding the registry CA as ca.crt or ca.pem (PEM).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_TLS_SECRET_PATH",
+        default_value = "/var/tmp/tls-secret/",
+        value_name = "DIR"
+    )]
+    pub tls_secret_path: PathBuf,
+
+    /// Namespace where function pods run and the pull secret is mirrored.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
+        default_value = "porch-fn-system",
+        value_name = "NAMESPACE"
+    )]
+    pub pod_namespace: String,
+
+    /// Prefix for bare function names: `set-namespace:v0.4` means
+    /// `<prefix>set-namespace:v0.4`.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_DEFAULT_IMAGE_PREFIX",
+        default_value = "ghcr.io/kptdev/krm-functions-catalog/",
+        value_name = "PREFIX"
+    )]
+    pub default_image_prefix: String,
+
+    /// Platform whose entrypoint is read from multi-platform images.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_PLATFORM",
+        default_value = "linux/amd64",
+        value_name = "OS/ARCH[/VARIANT]"
+    )]
+    pub platform: Platform,
+
+    /// Registry that may be reached over plain HTTP when TLS fails (repeatable;
+    /// comma-separated in the environment). No other host ever is.
+    #[arg(
+        long = "insecure-registry",
+        env = "FN_IMAGE_RESOLVER_INSECURE_REGISTRY",
+        value_delimiter = ',',
+        value_name = "HOST[:PORT]"
+    )]
+    pub insecure_registries: Vec<String>,
+
+    /// Time limit for resolving one image (all its registry requests).
+    #[arg(long, env = "FN_IMAGE_RESOLVER_REGISTRY_TIMEOUT", default_value = "15s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub registry_timeout: Duration,
+}
+
+impl RegistryArgs {
+    pub fn resolver_settings(&self) -> ResolverSettings {
+        ResolverSettings {
+            default_prefix: self.default_image_prefix.clone(),
+            platform: self.platform.clone(),
+            private_registries: self.enable_private_registries,
+            docker_config_path: self.registry_auth_secret_path.clone(),
+            pull_secret_name: self.registry_auth_secret_name.clone(),
+            tls_ca_dir: self
+                .enable_private_registries_tls
+                .then(|| self.tls_secret_path.clone()),
+            insecure_hosts: self.insecure_registries.clone(),
+            request_timeout: self.registry_timeout,
+            resolve_timeout: self.registry_timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging: shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// Log line format (logs go to stderr).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `fn_image_resolver=debug` (RUST_LOG syntax).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_LOG_LEVEL",
+        default_value = "info",
+        global = true,
+        value_name = "FILTER"
+    )]
+    pub log_level: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    }
+
+    #[test]
+    fn seed_flag_names_aliases_and_defaults() {
+        let cli = Cli::try_parse_from(["x"]).expect("defaults");
+        let r = cli.registry;
+        assert!(!r.enable_private_registries);
+        assert!(!r.enable_private_registries_tls);
+        assert_eq!(
+            r.registry_auth_secret_path,
+            PathBuf::from("/var/tmp/auth-secret/.dockerconfigjson")
+        );
+        assert_eq!(r.registry_auth_secret_name, "auth-secret");
+        assert_eq!(r.tls_secret_path, PathBuf::from("/var/tmp/tls-secret/"));
+        assert_eq!(r.pod_namespace, "porch-fn-system");
+        assert_eq!(r.platform.to_string(), "linux/amd64");
+        assert_eq!(
+            r.default_image_prefix,
+            "ghcr.io/kptdev/krm-functions-catalog/"
+        );
+
+        for args in [
+            vec![
+                "x",
+                "--enable-private-registry=true",
+                "--enable-private-registry-tls=true",
+            ],
+            vec![
+                "x",
+                "--enable-private-registries",
+                "--enable-private-registries-tls",
+            ],
+            vec![
+                "x",
+                "--enable-private-registries=1",
+                "--enable-private-registries-tls=yes",
+            ],
+        ] {
+            let r = Cli::try_parse_from(&args).expect("valid").registry;
+            assert!(
+                r.enable_private_registries && r.enable_private_registries_tls,
+                "{args:?}"
+            );
+        }
+        let r = Cli::try_parse_from(["x", "--enable-private-registry=false"])
+            .expect("valid")
+            .registry;
+        assert!(!r.enable_private_registries);
+    }
+
+    #[test]
+    fn insecure_registries_repeat_and_bad_values_fail() {
+        let r = Cli::try_parse_from([
+            "x",
+            "--insecure-registry",
+            "a:5000",
+            "--insecure-registry=b",
+        ])
+        .expect("valid")
+        .registry;
+        assert_eq!(r.insecure_registries, vec!["a:5000", "b"]);
+        assert!(Cli::try_parse_from(["x", "--platform", "linux"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--registry-timeout", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--enable-private-registries=maybe"]).is_err());
+    }
+}

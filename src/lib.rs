@@ -1,0 +1,10 @@
+//! fn-image-resolver: pins Porch KRM function images to digests, fills their
+//! entrypoints from the image config, and mirrors the registry pull secret.
+//!
+//! The binary is a thin shell over this library so that the CLI, the server and
+//! the tests all run the same code.
+
+pub mod cli;
+pub mod config;
+pub mod registry;
+pub mod telemetry;

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    fn_image_resolver::cli::run()
+}

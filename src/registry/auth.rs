@@ -1,0 +1,567 @@
+//! Registry credentials from a Docker `config.json`, and the bearer-token cache.
+//!
+//! We parse `auths` ourselves rather than through `docker_credential`: that crate
+//! runs `docker-credential-*` helper binaries named by the config (a mounted
+//! secret must never make us execute anything), re-reads the file per lookup, and
+//! its errors can carry helper output. Here every secret lives in a type whose
+//! `Debug` is redacted, and errors name the file and the entry, never a value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::reference::normalize_host;
+
+/// A secret string: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Credentials for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// Username and password (or access token used as password).
+    Basic { username: String, password: Secret },
+    /// An OAuth2 refresh token from `docker login` against a token server.
+    IdentityToken { username: String, token: Secret },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Self::IdentityToken { username, .. } => f
+                .debug_struct("IdentityToken")
+                .field("username", username)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Credential {
+    /// A stable, non-reversible identity for cache keys: two different
+    /// credentials never share cached answers or tokens.
+    pub fn identity(&self) -> CredentialId {
+        let mut h = Sha256::new();
+        match self {
+            Self::Basic { username, password } => {
+                h.update(b"basic\0");
+                h.update(username.as_bytes());
+                h.update(b"\0");
+                h.update(password.expose().as_bytes());
+            }
+            Self::IdentityToken { username, token } => {
+                h.update(b"identitytoken\0");
+                h.update(username.as_bytes());
+                h.update(b"\0");
+                h.update(token.expose().as_bytes());
+            }
+        }
+        let digest = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        CredentialId(id)
+    }
+
+    /// `Authorization` value for HTTP Basic, when this credential can do Basic.
+    pub fn basic_header(&self) -> Option<String> {
+        match self {
+            Self::Basic { username, password } => Some(format!(
+                "Basic {}",
+                BASE64.encode(format!("{username}:{}", password.expose()))
+            )),
+            Self::IdentityToken { .. } => None,
+        }
+    }
+}
+
+/// Hash of a credential (see [`Credential::identity`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CredentialId([u8; 16]);
+
+impl fmt::Debug for CredentialId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialId({})", hex::encode(&self.0[..4]))
+    }
+}
+
+/// Why a Docker config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerConfigError {
+    #[error("cannot read Docker config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    // serde_json's own message can quote the offending value (a password), so
+    // only its category and position are reported.
+    #[error("Docker config {path} is not valid JSON ({category} at line {line}, column {column})")]
+    Syntax {
+        path: PathBuf,
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
+    #[error("Docker config {path}: entry {registry:?} {reason}")]
+    Entry {
+        path: PathBuf,
+        registry: String,
+        reason: &'static str,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    auths: HashMap<String, RawAuth>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<serde_json::Value>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawAuth {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+/// The `auths` of a Docker config, keyed by normalized registry host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerConfig {
+    auths: HashMap<String, Credential>,
+    /// The config names credential helpers, which we deliberately never run.
+    pub ignored_helpers: bool,
+}
+
+impl DockerConfig {
+    pub fn load(path: &Path) -> Result<Self, DockerConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| DockerConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses config bytes; `path` is only used in error messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, DockerConfigError> {
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| DockerConfigError::Syntax {
+                path: path.to_path_buf(),
+                category: match e.classify() {
+                    serde_json::error::Category::Io => "read error",
+                    serde_json::error::Category::Syntax => "syntax error",
+                    serde_json::error::Category::Data => "unexpected structure",
+                    serde_json::error::Category::Eof => "unexpected end",
+                },
+                line: e.line(),
+                column: e.column(),
+            })?;
+        let mut auths = HashMap::new();
+        for (key, entry) in raw.auths {
+            let entry_err = |reason| DockerConfigError::Entry {
+                path: path.to_path_buf(),
+                registry: key.clone(),
+                reason,
+            };
+            let mut username = entry.username.filter(|u| !u.is_empty());
+            let mut password = entry.password.filter(|p| !p.is_empty());
+            if let Some(encoded) = entry.auth.filter(|a| !a.is_empty()) {
+                let decoded = BASE64
+                    .decode(encoded.trim())
+                    .map_err(|_| entry_err("has an \"auth\" value that is not base64"))?;
+                let decoded = String::from_utf8(decoded)
+                    .map_err(|_| entry_err("has an \"auth\" value that is not UTF-8"))?;
+                let (user, pass) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| entry_err("has an \"auth\" value that is not user:password"))?;
+                username.get_or_insert_with(|| user.to_string());
+                password.get_or_insert_with(|| pass.to_string());
+            }
+            let credential = match (entry.identitytoken.filter(|t| !t.is_empty()), password) {
+                (Some(token), _) => Credential::IdentityToken {
+                    username: username.unwrap_or_default(),
+                    token: Secret::new(token),
+                },
+                (None, Some(password)) => Credential::Basic {
+                    username: username.unwrap_or_default(),
+                    password: Secret::new(password),
+                },
+                // An entry without secrets (e.g. left by a credential helper) gives nothing.
+                (None, None) => continue,
+            };
+            auths.insert(normalize_host(&key), credential);
+        }
+        Ok(Self {
+            auths,
+            ignored_helpers: raw.creds_store.is_some() || raw.cred_helpers.is_some(),
+        })
+    }
+
+    /// Credentials for a normalized registry host, if the config has any.
+    pub fn get(&self, registry: &str) -> Option<&Credential> {
+        self.auths.get(registry)
+    }
+
+    pub fn registries(&self) -> impl Iterator<Item = &str> {
+        self.auths.keys().map(String::as_str)
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge we know how to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+impl Challenge {
+    /// Picks the first Bearer or Basic challenge from a header value.
+    pub fn parse(header: &str) -> Option<Self> {
+        for challenge in http_auth::parser::ChallengeParser::new(header) {
+            let Ok(challenge) = challenge else { break };
+            let param = |name: &str| {
+                challenge
+                    .params
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.to_unescaped())
+            };
+            if challenge.scheme.eq_ignore_ascii_case("bearer") {
+                let realm = param("realm")?;
+                return Some(Self::Bearer {
+                    realm,
+                    service: param("service"),
+                    scope: param("scope"),
+                });
+            }
+            if challenge.scheme.eq_ignore_ascii_case("basic") {
+                return Some(Self::Basic);
+            }
+        }
+        None
+    }
+}
+
+/// A bearer token and when to stop using it.
+#[derive(Clone)]
+pub struct Token {
+    pub value: Secret,
+    pub expires_at: Instant,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token").finish_non_exhaustive()
+    }
+}
+
+/// The token server's answer (distribution token spec; `access_token` is the
+/// OAuth2 spelling).
+#[derive(Deserialize)]
+pub struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// Tokens live at least this long per the spec when the server does not say.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Stop using a token a little before it expires, so it never expires in flight.
+const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+
+impl fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenResponse {
+    pub fn into_token(self, now: Instant) -> Option<Token> {
+        let value = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+        let lifetime = self
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        Some(Token {
+            value: Secret::new(value),
+            expires_at: now + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN),
+        })
+    }
+}
+
+/// What a registry host wants, remembered so later requests authenticate up
+/// front instead of collecting a 401 first.
+#[derive(Debug, Clone)]
+pub enum HostAuth {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    host: String,
+    scope: String,
+    credential: Option<CredentialId>,
+}
+
+/// Per-host challenges and per-(host, scope, credential) tokens.
+#[derive(Debug, Default)]
+pub struct AuthCache {
+    hosts: Mutex<HashMap<String, HostAuth>>,
+    tokens: Mutex<HashMap<TokenKey, Token>>,
+}
+
+impl AuthCache {
+    pub fn host(&self, host: &str) -> Option<HostAuth> {
+        lock(&self.hosts).get(host).cloned()
+    }
+
+    pub fn remember_host(&self, host: &str, auth: HostAuth) {
+        lock(&self.hosts).insert(host.to_string(), auth);
+    }
+
+    pub fn token(
+        &self,
+        host: &str,
+        scope: &str,
+        credential: Option<CredentialId>,
+    ) -> Option<Secret> {
+        let key = TokenKey {
+            host: host.to_string(),
+            scope: scope.to_string(),
+            credential,
+        };
+        let mut tokens = lock(&self.tokens);
+        match tokens.get(&key) {
+            Some(t) if t.expires_at > Instant::now() => Some(t.value.clone()),
+            Some(_) => {
+                tokens.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn store_token(
+        &self,
+        host: &str,
+        scope: &str,
+        credential: Option<CredentialId>,
+        token: Token,
+    ) {
+        let key = TokenKey {
+            host: host.to_string(),
+            scope: scope.to_string(),
+            credential,
+        };
+        let mut tokens = lock(&self.tokens);
+        // Expired tokens are dropped lazily; sweep when the map grows so a
+        // long-running process with many repositories stays bounded.
+        if tokens.len() >= 4096 {
+            let now = Instant::now();
+            tokens.retain(|_, t| t.expires_at > now);
+        }
+        tokens.insert(key, token);
+    }
+
+    pub fn forget_token(&self, host: &str, scope: &str, credential: Option<CredentialId>) {
+        lock(&self.tokens).remove(&TokenKey {
+            host: host.to_string(),
+            scope: scope.to_string(),
+            credential,
+        });
+    }
+}
+
+/// The maps stay consistent even if a holder panicked, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<DockerConfig, DockerConfigError> {
+        DockerConfig::parse(json.as_bytes(), Path::new("/cfg.json"))
+    }
+
+    #[test]
+    fn auth_field_username_password_and_identity_token() {
+        let cfg = parse(
+            r#"{"auths": {
+                "https://index.docker.io/v1/": {"auth": "bXlfdXNlcm5hbWU6bXlfcGFzc3dvcmQ="},
+                "GHCR.io": {"username": "u", "password": "p"},
+                "tok.example.com": {"identitytoken": "refresh", "auth": "dTpw"},
+                "empty.example.com": {}
+            }}"#,
+        )
+        .expect("valid config");
+        assert_eq!(
+            cfg.get("docker.io"),
+            Some(&Credential::Basic {
+                username: "my_username".into(),
+                password: Secret::new("my_password")
+            })
+        );
+        assert!(
+            matches!(cfg.get("ghcr.io"), Some(Credential::Basic { username, .. }) if username == "u")
+        );
+        assert!(matches!(
+            cfg.get("tok.example.com"),
+            Some(Credential::IdentityToken { .. })
+        ));
+        assert_eq!(cfg.get("empty.example.com"), None);
+        assert!(!cfg.ignored_helpers);
+    }
+
+    #[test]
+    fn password_with_colon_survives_auth_decoding() {
+        let auth = BASE64.encode("user:pa:ss");
+        let cfg = parse(&format!(r#"{{"auths":{{"r.io":{{"auth":"{auth}"}}}}}}"#)).expect("valid");
+        assert_eq!(
+            cfg.get("r.io").and_then(Credential::basic_header),
+            Some(format!("Basic {}", BASE64.encode("user:pa:ss")))
+        );
+    }
+
+    #[test]
+    fn errors_never_quote_secret_values() {
+        let secret = "SUPER-SECRET-MARKER";
+        for json in [
+            format!(r#"{{"auths": "{secret}"}}"#),
+            format!(r#"{{"auths": {{"r.io": {{"auth": "{secret}!!"}}}}}}"#),
+            format!(r#"{{"auths": {{"r.io": {{"password": {secret}}}}}}}"#),
+            format!(
+                r#"{{"auths": {{"r.io": {{"auth": "{}"}}}}}}"#,
+                BASE64.encode(secret)
+            ),
+            format!("not json {secret}"),
+        ] {
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(err.contains("/cfg.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_is_redacted() {
+        let cfg = parse(r#"{"auths":{"r.io":{"username":"u","password":"hunter2"},"t.io":{"identitytoken":"tok3n"}}}"#)
+            .expect("valid");
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("tok3n"), "{dbg}");
+    }
+
+    #[test]
+    fn credential_identity_differs_per_secret() {
+        let a = Credential::Basic {
+            username: "u".into(),
+            password: Secret::new("a"),
+        };
+        let b = Credential::Basic {
+            username: "u".into(),
+            password: Secret::new("b"),
+        };
+        assert_ne!(a.identity(), b.identity());
+        assert_eq!(a.identity(), a.clone().identity());
+    }
+
+    #[test]
+    fn helpers_are_noted_not_run() {
+        let cfg = parse(r#"{"auths":{},"credsStore":"desktop"}"#).expect("valid");
+        assert!(cfg.ignored_helpers);
+    }
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            Challenge::parse(
+                r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example.com/token".into(),
+                service: Some("registry.example.com".into()),
+                scope: Some("repository:a/b:pull".into()),
+            })
+        );
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(Challenge::parse("Bearer service=\"x\""), None);
+        assert_eq!(Challenge::parse("garbage ,,, \""), None);
+        assert_eq!(Challenge::parse(""), None);
+    }
+
+    #[test]
+    fn token_cache_expires() {
+        let cache = AuthCache::default();
+        let now = Instant::now();
+        cache.store_token(
+            "h",
+            "s",
+            None,
+            Token {
+                value: Secret::new("t"),
+                expires_at: now + Duration::from_secs(30),
+            },
+        );
+        assert!(cache.token("h", "s", None).is_some());
+        assert!(cache.token("h", "other", None).is_none());
+        cache.store_token(
+            "h",
+            "s",
+            None,
+            Token {
+                value: Secret::new("t"),
+                expires_at: now,
+            },
+        );
+        assert!(cache.token("h", "s", None).is_none());
+    }
+}

@@ -1,0 +1,440 @@
+//! Image reference → digest and entrypoint, from the registry.
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod manifest;
+pub mod reference;
+pub mod tls;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError};
+use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
+pub use self::error::{ErrorKind, RegistryError, ResolveError};
+use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};
+pub use self::manifest::{Platform, PlatformError};
+pub use self::reference::ImageRef;
+use self::tls::TlsError;
+
+/// Everything the resolver needs to know, independent of how it was configured.
+#[derive(Debug, Clone)]
+pub struct ResolverSettings {
+    /// Prefix for bare function names (`set-namespace:v0.4`).
+    pub default_prefix: String,
+    pub platform: Platform,
+    /// Seed: credentials and pull secrets are only used when this is on.
+    pub private_registries: bool,
+    pub docker_config_path: PathBuf,
+    pub pull_secret_name: String,
+    /// Directory with `ca.crt`/`ca.pem`, when private-registry TLS is on.
+    pub tls_ca_dir: Option<PathBuf>,
+    pub insecure_hosts: Vec<String>,
+    /// Limit for one HTTP exchange with a registry.
+    pub request_timeout: Duration,
+    /// Limit for a whole resolution (all its requests).
+    pub resolve_timeout: Duration,
+}
+
+/// Configuration problems found at startup; each names the file or flag.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    DockerConfig(#[from] DockerConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// What the registry said about one image (cacheable, credential-free).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Digest to pin: the index digest for multi-platform images.
+    pub digest: String,
+    /// `Config.Entrypoint` as in the image.
+    pub config_entrypoint: Vec<String>,
+    /// `Config.Cmd` as in the image.
+    pub cmd: Vec<String>,
+    /// Platform of the config that was read.
+    pub platform: Option<Platform>,
+}
+
+impl ImageInfo {
+    /// The seed's entrypoint: `Config.Entrypoint`, else `Config.Cmd`.
+    pub fn entrypoint(&self) -> &[String] {
+        if self.config_entrypoint.is_empty() {
+            &self.cmd
+        } else {
+            &self.config_entrypoint
+        }
+    }
+}
+
+/// One resolved image, as printed by `resolve` and served by the endpoint.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Resolution {
+    /// The image as given.
+    pub image: String,
+    /// Normalized reference.
+    pub reference: String,
+    pub digest: String,
+    /// The reference pinned to `digest` (tag kept).
+    pub pinned: String,
+    /// Seed rule: `Config.Entrypoint`, or `Config.Cmd` when that is empty.
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `Config.Entrypoint` exactly as in the image.
+    pub config_entrypoint: Vec<String>,
+    pub platform: String,
+    pub registry: String,
+    /// The pull secret pods need for this image, if any.
+    pub pull_secret: Option<String>,
+}
+
+impl Resolution {
+    pub fn new(
+        image: &str,
+        reference: &ImageRef,
+        info: &ImageInfo,
+        platform: &Platform,
+        pull_secret: Option<&str>,
+    ) -> Self {
+        Self {
+            image: image.to_string(),
+            reference: reference.to_string(),
+            digest: info.digest.clone(),
+            pinned: reference.pinned(&info.digest),
+            entrypoint: info.entrypoint().to_vec(),
+            cmd: info.cmd.clone(),
+            config_entrypoint: info.config_entrypoint.clone(),
+            platform: info.platform.as_ref().unwrap_or(platform).to_string(),
+            registry: reference.registry().to_string(),
+            pull_secret: pull_secret.map(str::to_string),
+        }
+    }
+}
+
+/// The Docker config in use, swappable when the mounted file changes.
+#[derive(Debug)]
+pub struct Credentials {
+    path: Option<PathBuf>,
+    current: RwLock<Arc<DockerConfig>>,
+}
+
+impl Credentials {
+    /// No credentials at all (private registries disabled).
+    pub fn none() -> Self {
+        Self {
+            path: None,
+            current: RwLock::new(Arc::new(DockerConfig::default())),
+        }
+    }
+
+    pub fn load(path: PathBuf) -> Result<Self, DockerConfigError> {
+        let config = DockerConfig::load(&path)?;
+        warn_about(&config, &path);
+        Ok(Self {
+            path: Some(path),
+            current: RwLock::new(Arc::new(config)),
+        })
+    }
+
+    pub fn current(&self) -> Arc<DockerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the file. A broken file keeps the last good config in use.
+    /// Returns whether the credentials changed.
+    pub fn reload(&self) -> Result<bool, DockerConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let config = DockerConfig::load(path)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **current == config {
+            return Ok(false);
+        }
+        warn_about(&config, path);
+        info!(path = %path.display(), registries = config.registries().count(), "Docker config reloaded");
+        *current = Arc::new(config);
+        Ok(true)
+    }
+}
+
+fn warn_about(config: &DockerConfig, path: &std::path::Path) {
+    if config.ignored_helpers {
+        warn!(path = %path.display(), "Docker config names credsStore/credHelpers; those are ignored, only \"auths\" is used");
+    }
+}
+
+/// Resolves image references against registries. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct Resolver {
+    client: RegistryClient,
+    credentials: Arc<Credentials>,
+    default_prefix: String,
+    platform: Platform,
+    private_registries: bool,
+    pull_secret_name: String,
+    resolve_timeout: Duration,
+}
+
+impl Resolver {
+    pub fn new(settings: &ResolverSettings) -> Result<Self, SetupError> {
+        Self::with_observer(settings, None)
+    }
+
+    pub fn with_observer(
+        settings: &ResolverSettings,
+        observer: Option<Arc<dyn RequestObserver>>,
+    ) -> Result<Self, SetupError> {
+        let credentials = if settings.private_registries {
+            Credentials::load(settings.docker_config_path.clone())?
+        } else {
+            Credentials::none()
+        };
+        let mounted_ca = match &settings.tls_ca_dir {
+            Some(dir) => {
+                let (path, roots) = tls::load_ca_dir(dir)?;
+                info!(path = %path.display(), certificates = roots.len(), "loaded registry CA");
+                Some(roots)
+            }
+            None => None,
+        };
+        let system_roots = match tls::system_roots() {
+            Ok(roots) => Some(roots),
+            Err(e) => {
+                warn!(error = %e, "no system root certificates; only the mounted CA can verify registries");
+                None
+            }
+        };
+        let mut client = RegistryClient::new(ClientOptions {
+            mounted_ca,
+            system_roots,
+            insecure_hosts: settings
+                .insecure_hosts
+                .iter()
+                .cloned()
+                .collect::<HashSet<_>>(),
+            request_timeout: settings.request_timeout,
+            ..ClientOptions::default()
+        })?;
+        if let Some(observer) = observer {
+            client = client.with_observer(observer);
+        }
+        let mut default_prefix = settings.default_prefix.trim_end_matches('/').to_string();
+        if !default_prefix.is_empty() {
+            default_prefix.push('/');
+        }
+        Ok(Self {
+            client,
+            credentials: Arc::new(credentials),
+            default_prefix,
+            platform: settings.platform.clone(),
+            private_registries: settings.private_registries,
+            pull_secret_name: settings.pull_secret_name.clone(),
+            resolve_timeout: settings.resolve_timeout,
+        })
+    }
+
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.credentials
+    }
+
+    pub fn default_platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    pub fn parse(&self, image: &str) -> Result<ImageRef, ResolveError> {
+        ImageRef::parse(image, &self.default_prefix).map_err(|e| ResolveError::InvalidReference {
+            image: image.to_string(),
+            reason: e.reason,
+        })
+    }
+
+    /// Is the image from the default function catalog? Seed: those always use
+    /// default (anonymous) access and need no pull secret.
+    pub fn is_default_catalog(&self, reference: &ImageRef) -> bool {
+        !self.default_prefix.is_empty()
+            && format!("{}/", reference.name()).starts_with(&self.default_prefix)
+    }
+
+    /// The credential to use for `reference`, per the seed's decision tree.
+    pub fn credential_for(&self, reference: &ImageRef) -> Option<Credential> {
+        if !self.private_registries || self.is_default_catalog(reference) {
+            return None;
+        }
+        self.credentials
+            .current()
+            .get(reference.registry())
+            .cloned()
+    }
+
+    /// The pull secret a pod needs for this image, if any.
+    pub fn pull_secret_for(&self, credential: Option<&Credential>) -> Option<&str> {
+        credential.map(|_| self.pull_secret_name.as_str())
+    }
+
+    /// Resolves one image without any cache.
+    pub async fn resolve(
+        &self,
+        image: &str,
+        platform: Option<&Platform>,
+    ) -> Result<Resolution, ResolveError> {
+        let reference = self.parse(image)?;
+        let platform = platform.unwrap_or(&self.platform);
+        let credential = self.credential_for(&reference);
+        let info = self
+            .fetch(&reference, platform, credential.as_ref())
+            .await
+            .map_err(|source| ResolveError::Registry {
+                image: image.to_string(),
+                source,
+            })?;
+        Ok(Resolution::new(
+            image,
+            &reference,
+            &info,
+            platform,
+            self.pull_secret_for(credential.as_ref()),
+        ))
+    }
+
+    /// Reads digest, entrypoint and cmd from the registry, within the
+    /// resolve timeout. Costs one manifest GET and one config GET (plus the
+    /// platform manifest for an index, and a token when the registry wants one).
+    pub async fn fetch(
+        &self,
+        reference: &ImageRef,
+        platform: &Platform,
+        credential: Option<&Credential>,
+    ) -> Result<ImageInfo, RegistryError> {
+        let target = target(reference, credential);
+        tokio::time::timeout(
+            self.resolve_timeout,
+            self.fetch_inner(reference, &target, platform),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RegistryError::Timeout {
+                registry: reference.registry().to_string(),
+                after: self.resolve_timeout,
+            })
+        })
+    }
+
+    /// The digest a tag points to now (a HEAD), for revalidating cached answers.
+    pub async fn current_digest(
+        &self,
+        reference: &ImageRef,
+        credential: Option<&Credential>,
+    ) -> Result<Option<String>, RegistryError> {
+        let target = target(reference, credential);
+        tokio::time::timeout(
+            self.resolve_timeout,
+            self.client
+                .head_manifest(&target, reference.manifest_reference()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RegistryError::Timeout {
+                registry: reference.registry().to_string(),
+                after: self.resolve_timeout,
+            })
+        })
+    }
+
+    async fn fetch_inner(
+        &self,
+        reference: &ImageRef,
+        target: &Target<'_>,
+        platform: &Platform,
+    ) -> Result<ImageInfo, RegistryError> {
+        let invalid = |detail: String| RegistryError::InvalidResponse {
+            registry: reference.registry().to_string(),
+            detail,
+        };
+        let top = self
+            .client
+            .get_manifest(target, reference.manifest_reference())
+            .await?;
+        // Pin what we verified ourselves: the digest asked for, or the hash of
+        // the bytes served. A registry whose header disagrees is lying.
+        let digest = match reference.digest() {
+            Some(expected) => {
+                verify_digest(expected, &top.body).map_err(|e| invalid(format!("manifest {e}")))?;
+                expected.to_string()
+            }
+            None => {
+                let computed = manifest::digest_of("sha256", &top.body).unwrap_or_default();
+                if let Some(header) = &top.digest_header
+                    && header.starts_with("sha256:")
+                    && !header.eq_ignore_ascii_case(&computed)
+                {
+                    return Err(invalid(format!(
+                        "manifest digest header {header} does not match the content ({computed})"
+                    )));
+                }
+                computed
+            }
+        };
+        let kind =
+            parse_manifest(&top.body, top.content_type.as_deref()).map_err(|e| invalid(e.0))?;
+        let config = match kind {
+            ManifestKind::Image { config } => config,
+            ManifestKind::Index { manifests } => {
+                let entry = select_platform(&manifests, platform).map_err(|available| {
+                    RegistryError::PlatformNotFound {
+                        wanted: platform.to_string(),
+                        available,
+                    }
+                })?;
+                let child = self.client.get_manifest(target, &entry.digest).await?;
+                verify_digest(&entry.digest, &child.body)
+                    .map_err(|e| invalid(format!("platform manifest {e}")))?;
+                match parse_manifest(&child.body, child.content_type.as_deref())
+                    .map_err(|e| invalid(e.0))?
+                {
+                    ManifestKind::Image { config } => config,
+                    ManifestKind::Index { .. } => {
+                        return Err(invalid(
+                            "the platform entry of the index is another index".into(),
+                        ));
+                    }
+                }
+            }
+        };
+        let blob = self.client.get_config_blob(target, &config.digest).await?;
+        verify_digest(&config.digest, &blob).map_err(|e| invalid(format!("config blob {e}")))?;
+        let parsed = parse_config(&blob).map_err(|e| invalid(e.0))?;
+        Ok(ImageInfo {
+            digest,
+            config_entrypoint: parsed.entrypoint,
+            cmd: parsed.cmd,
+            platform: parsed.platform,
+        })
+    }
+}
+
+fn target<'a>(reference: &'a ImageRef, credential: Option<&'a Credential>) -> Target<'a> {
+    Target {
+        host: reference.api_host(),
+        registry: reference.registry(),
+        repository: reference.repository(),
+        credential,
+    }
+}

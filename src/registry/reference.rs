@@ -1,0 +1,326 @@
+//! Image references: parsing, the default function prefix, and normalization.
+//!
+//! The Docker reference grammar itself is parsed by `oci-spec`; this module adds
+//! what Porch needs on top: bare function names expand with the default prefix,
+//! every Docker Hub spelling becomes `docker.io`, registry hosts are compared
+//! case-insensitively, and a tag is kept next to a digest for readability.
+
+use std::fmt;
+
+use oci_spec::distribution::Reference;
+
+/// Canonical name of Docker Hub in references, cache keys and credential lookups.
+pub const DOCKER_HUB: &str = "docker.io";
+/// Where Docker Hub's registry API actually lives.
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// Longest reference we look at; the grammar allows 255 for the name alone.
+const MAX_REFERENCE_LEN: usize = 1024;
+
+/// A parsed, normalized image reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    registry: String,
+    repository: String,
+    tag: Option<String>,
+    digest: Option<String>,
+}
+
+/// Why a string is not a usable image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct ReferenceError {
+    pub reason: String,
+}
+
+fn invalid(reason: impl Into<String>) -> ReferenceError {
+    ReferenceError {
+        reason: reason.into(),
+    }
+}
+
+/// Maps every spelling of a registry host to the one we compare with: lower
+/// case, and all of Docker Hub's names (including the Docker config key
+/// `https://index.docker.io/v1/`) to `docker.io`.
+pub fn normalize_host(host: &str) -> String {
+    let host = host
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = host
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            DOCKER_HUB.to_string()
+        }
+        _ => host,
+    }
+}
+
+/// Does the first path segment name a registry host (rather than a Docker Hub
+/// namespace)? Same rule as the Docker reference grammar.
+fn is_host(segment: &str) -> bool {
+    segment.contains('.') || segment.contains(':') || segment.eq_ignore_ascii_case("localhost")
+}
+
+impl ImageRef {
+    /// Parses `input`. A bare name without any `/` (e.g. `set-namespace:v0.4`)
+    /// is a catalog function and gets `default_prefix` in front, as Porch does.
+    pub fn parse(input: &str, default_prefix: &str) -> Result<Self, ReferenceError> {
+        if input.is_empty() {
+            return Err(invalid("the reference is empty"));
+        }
+        if input.len() > MAX_REFERENCE_LEN {
+            return Err(invalid(format!(
+                "the reference is longer than {MAX_REFERENCE_LEN} characters"
+            )));
+        }
+        if let Some(c) = input.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(format!(
+                "the reference contains the character {c:?}"
+            )));
+        }
+        let expanded;
+        let mut text = input;
+        if !text.contains('/') && !default_prefix.is_empty() {
+            expanded = format!("{}/{}", default_prefix.trim_end_matches('/'), text);
+            text = &expanded;
+        }
+        // Host names are case-insensitive but the grammar only accepts lower-case
+        // paths, so fold the host before parsing; Docker Hub's aliases become
+        // docker.io so that one image has one cache key and one credential.
+        let lowered;
+        if let Some((first, rest)) = text.split_once('/')
+            && is_host(first)
+        {
+            let host = normalize_host(first);
+            lowered = format!("{host}/{rest}");
+            text = &lowered;
+        }
+        let parsed = Reference::try_from(text).map_err(|e| invalid(describe(e, text)))?;
+        let registry = normalize_host(parsed.registry());
+        let mut repository = parsed.repository().to_string();
+        if registry == DOCKER_HUB && !repository.contains('/') {
+            repository = format!("library/{repository}");
+        }
+        Ok(Self {
+            registry,
+            repository,
+            tag: parsed.tag().map(str::to_string),
+            digest: parsed.digest().map(str::to_string),
+        })
+    }
+
+    /// The normalized registry host (`docker.io` for Docker Hub), with its port.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The host the registry API is served from.
+    pub fn api_host(&self) -> &str {
+        if self.registry == DOCKER_HUB {
+            DOCKER_HUB_API
+        } else {
+            &self.registry
+        }
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
+    }
+
+    /// What to ask the registry for: the digest when pinned, else the tag.
+    pub fn manifest_reference(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
+    }
+
+    /// `registry/repository`, without tag or digest.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+
+    /// The reference pinned to `digest`, keeping the tag for readability:
+    /// `registry/repo:tag@sha256:…` (or `registry/repo@sha256:…` without a tag).
+    pub fn pinned(&self, digest: &str) -> String {
+        match &self.tag {
+            Some(tag) => format!("{}:{tag}@{digest}", self.name()),
+            None => format!("{}@{digest}", self.name()),
+        }
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns the grammar's terse errors into something a user can act on.
+fn describe(error: oci_spec::distribution::ParseError, text: &str) -> String {
+    use oci_spec::distribution::ParseError as E;
+    match error {
+        E::DigestInvalidFormat => "the digest is not of the form algorithm:hex".into(),
+        E::DigestInvalidLength => "the digest has the wrong length for its algorithm".into(),
+        E::DigestUnsupported => "the digest algorithm is not sha256, sha384 or sha512".into(),
+        E::NameContainsUppercase => "the repository name must be lower case".into(),
+        E::NameEmpty => "the repository name is empty".into(),
+        E::NameTooLong => "the repository name is longer than 255 characters".into(),
+        E::TagInvalidFormat => "the tag is not valid".into(),
+        E::ReferenceInvalidFormat => {
+            if text.chars().any(|c| c.is_ascii_uppercase()) {
+                "the repository name must be lower case".into()
+            } else if let Some((_, digest)) = text.split_once('@')
+                && !digest.contains('/')
+            {
+                format!("the digest {digest:?} is not algorithm:hex with at least 32 hex digits")
+            } else {
+                "it does not match the reference grammar host[:port]/path[:tag][@digest]".into()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PREFIX: &str = "ghcr.io/kptdev/krm-functions-catalog/";
+
+    fn parse(s: &str) -> ImageRef {
+        match ImageRef::parse(s, PREFIX) {
+            Ok(r) => r,
+            Err(e) => panic!("{s}: {e}"),
+        }
+    }
+
+    #[test]
+    fn bare_function_names_get_the_default_prefix() {
+        let r = parse("set-namespace:v0.4");
+        assert_eq!(
+            r.to_string(),
+            "ghcr.io/kptdev/krm-functions-catalog/set-namespace:v0.4"
+        );
+        assert_eq!(r.registry(), "ghcr.io");
+        assert_eq!(r.repository(), "kptdev/krm-functions-catalog/set-namespace");
+        assert_eq!(
+            parse("apply-setters").to_string(),
+            "ghcr.io/kptdev/krm-functions-catalog/apply-setters:latest"
+        );
+    }
+
+    #[test]
+    fn prefix_without_trailing_slash_also_works() {
+        let r = ImageRef::parse("fn:v1", "example.com/fns").expect("valid");
+        assert_eq!(r.to_string(), "example.com/fns/fn:v1");
+    }
+
+    #[test]
+    fn docker_hub_spellings_are_one_registry() {
+        for s in [
+            "library/busybox:1.36",
+            "docker.io/busybox:1.36",
+            "docker.io/library/busybox:1.36",
+            "index.docker.io/library/busybox:1.36",
+            "registry-1.docker.io/library/busybox:1.36",
+            "Docker.IO/busybox:1.36",
+        ] {
+            let r = parse(s);
+            assert_eq!(r.to_string(), "docker.io/library/busybox:1.36", "{s}");
+            assert_eq!(r.api_host(), "registry-1.docker.io");
+        }
+        assert_eq!(
+            parse("bitnami/kubectl").to_string(),
+            "docker.io/bitnami/kubectl:latest"
+        );
+    }
+
+    #[test]
+    fn host_with_port_and_localhost() {
+        let r = parse("127.0.0.1:5000/fns/set-labels:v1");
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.api_host(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "fns/set-labels");
+        let r = parse("localhost/fns/x");
+        assert_eq!(r.registry(), "localhost");
+        let r = parse("MyRegistry.Example.com:8443/a/b:c");
+        assert_eq!(r.registry(), "myregistry.example.com:8443");
+    }
+
+    #[test]
+    fn tag_and_digest_are_both_kept() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = parse(&format!("ghcr.io/a/b:v1@{d}"));
+        assert_eq!(r.tag(), Some("v1"));
+        assert_eq!(r.digest(), Some(d.as_str()));
+        assert_eq!(r.manifest_reference(), d);
+        assert_eq!(r.pinned(&d), format!("ghcr.io/a/b:v1@{d}"));
+        let r = parse(&format!("ghcr.io/a/b@{d}"));
+        assert_eq!(r.tag(), None);
+        assert_eq!(r.pinned(&d), format!("ghcr.io/a/b@{d}"));
+    }
+
+    #[test]
+    fn default_tag_is_latest() {
+        let r = parse("quay.io/x/y");
+        assert_eq!(r.tag(), Some("latest"));
+        assert_eq!(r.manifest_reference(), "latest");
+    }
+
+    #[test]
+    fn bad_references_are_rejected_with_a_reason() {
+        let cases = [
+            ("", "empty"),
+            ("ghcr.io/a/b:", "grammar"),
+            ("ghcr.io/A/b", "lower case"),
+            ("ghcr.io/a/b@sha256:abc", "digest"),
+            (&format!("ghcr.io/a/b@sha256:{}", "a".repeat(40)), "length"),
+            (
+                "ghcr.io/a/b@md5:0123456789abcdef0123456789abcdef",
+                "algorithm",
+            ),
+            ("ghcr.io/a b", "character"),
+            ("ghcr.io/a/b\n", "character"),
+            ("ghcr.io//b", "grammar"),
+            ("ghcr.io/a/b:tag:tag", "grammar"),
+        ];
+        for (input, want) in cases {
+            match ImageRef::parse(input, PREFIX) {
+                Ok(r) => panic!("{input:?} parsed as {r}"),
+                Err(e) => assert!(e.reason.contains(want), "{input:?}: {e}"),
+            }
+        }
+        let long = format!("ghcr.io/{}", "a".repeat(2000));
+        assert!(ImageRef::parse(&long, PREFIX).is_err());
+    }
+
+    #[test]
+    fn config_keys_normalize_like_references() {
+        assert_eq!(normalize_host("https://index.docker.io/v1/"), "docker.io");
+        assert_eq!(normalize_host("GHCR.io"), "ghcr.io");
+        assert_eq!(normalize_host("https://127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(
+            normalize_host("registry.example.com/v2/"),
+            "registry.example.com"
+        );
+    }
+}
