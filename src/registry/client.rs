@@ -602,7 +602,8 @@ fn classify(error: reqwest::Error, registry: &str, timeout: Duration) -> Attempt
     })
 }
 
-/// Walks the source chain for a rustls error (hyper wraps it in io::Error).
+/// Walks the source chain for a rustls error. hyper nests it in io::Errors
+/// whose `source()` skips the wrapped error, so those are opened explicitly.
 fn find_rustls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
@@ -611,9 +612,9 @@ fn find_rustls_error(error: &(dyn std::error::Error + 'static)) -> Option<String
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()
-            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
         {
-            return Some(tls.to_string());
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            return find_rustls_error(inner);
         }
         current = e.source();
     }

@@ -102,6 +102,11 @@ impl ImageRef {
         let parsed = Reference::try_from(text).map_err(|e| invalid(describe(e, text)))?;
         let registry = normalize_host(parsed.registry());
         let mut repository = parsed.repository().to_string();
+        // The grammar lets a first segment like `UPPER/` through as a would-be
+        // host; once it is known to be a Docker Hub namespace it must be lower case.
+        if repository.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(invalid("the repository name must be lower case"));
+        }
         if registry == DOCKER_HUB && !repository.contains('/') {
             repository = format!("library/{repository}");
         }
@@ -292,6 +297,7 @@ mod tests {
             ("", "empty"),
             ("ghcr.io/a/b:", "grammar"),
             ("ghcr.io/A/b", "lower case"),
+            ("UPPER/case:v1", "lower case"),
             ("ghcr.io/a/b@sha256:abc", "digest"),
             (&format!("ghcr.io/a/b@sha256:{}", "a".repeat(40)), "length"),
             (

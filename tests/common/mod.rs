@@ -1,0 +1,22 @@
+//! Real components for the integration tests: Debian's `docker-registry`
+//! (distribution 2.8) in plain, TLS, Basic-auth and token-auth setups, a token
+//! server, a counting and fault-injecting proxy, and an OCI image builder.
+#![allow(dead_code)]
+
+pub mod oci;
+pub mod proxy;
+pub mod registry;
+pub mod token;
+
+use std::net::TcpListener;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Installs the process-wide rustls provider (idempotent).
+pub fn init_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

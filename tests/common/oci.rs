@@ -1,0 +1,319 @@
+//! Deterministic test images (config, layer, manifest, index) and a pusher
+//! that uploads them through the registry HTTP API.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A blob to upload.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            digest: sha256(&bytes),
+            bytes,
+        }
+    }
+}
+
+/// A single-platform image: its blobs and manifest.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub config: Blob,
+    pub layer: Blob,
+    pub manifest: Vec<u8>,
+    pub media_type: &'static str,
+    pub digest: String,
+    pub platform: (String, String),
+}
+
+/// Builds an image whose config has the given Entrypoint and Cmd. `name`
+/// makes the layer (and so the digest) unique; `docker` picks Docker schema 2
+/// media types instead of OCI.
+pub fn image(
+    name: &str,
+    entrypoint: Option<&[&str]>,
+    cmd: Option<&[&str]>,
+    platform: &str,
+    docker: bool,
+) -> Image {
+    let (os, arch) = platform.split_once('/').expect("os/arch");
+    let mut container = serde_json::Map::new();
+    if let Some(e) = entrypoint {
+        container.insert("Entrypoint".into(), json!(e));
+    }
+    if let Some(c) = cmd {
+        container.insert("Cmd".into(), json!(c));
+    }
+    container.insert("Env".into(), json!(["PATH=/usr/local/bin:/usr/bin:/bin"]));
+    // A layer that is a real (empty) gzip stream, unique per image name.
+    let layer = Blob::new(format!("layer of {name} for {platform}").into_bytes());
+    let config = Blob::new(
+        serde_json::to_vec(&json!({
+            "architecture": arch,
+            "os": os,
+            "config": Value::Object(container),
+            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+            "history": [{"created_by": format!("fn-image-resolver tests: {name}")}],
+        }))
+        .expect("config json"),
+    );
+    let (media_type, config_type, layer_type) = if docker {
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
+    };
+    let manifest = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": {"mediaType": config_type, "digest": config.digest, "size": config.bytes.len()},
+        "layers": [{"mediaType": layer_type, "digest": layer.digest, "size": layer.bytes.len()}],
+    }))
+    .expect("manifest json");
+    Image {
+        digest: sha256(&manifest),
+        config,
+        layer,
+        manifest,
+        media_type,
+        platform: (os.to_string(), arch.to_string()),
+    }
+}
+
+/// A multi-platform index over `images`.
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub images: Vec<Image>,
+    pub body: Vec<u8>,
+    pub media_type: &'static str,
+    pub digest: String,
+}
+
+pub fn index(images: Vec<Image>, docker: bool) -> Index {
+    let media_type = if docker { DOCKER_LIST } else { OCI_INDEX };
+    let manifests: Vec<Value> = images
+        .iter()
+        .map(|i| {
+            json!({
+                "mediaType": i.media_type,
+                "digest": i.digest,
+                "size": i.manifest.len(),
+                "platform": {"os": i.platform.0, "architecture": i.platform.1},
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": manifests,
+    }))
+    .expect("index json");
+    Index {
+        digest: sha256(&body),
+        images,
+        body,
+        media_type,
+    }
+}
+
+/// Uploads images to a registry at `base` (e.g. `http://127.0.0.1:5000`).
+#[derive(Debug, Clone)]
+pub struct Pusher {
+    pub base: String,
+    pub client: reqwest::Client,
+    /// `Authorization` header value, if the registry needs one for pushing.
+    pub authorization: Option<String>,
+}
+
+impl Pusher {
+    pub fn new(base: impl Into<String>, client: reqwest::Client) -> Self {
+        Self {
+            base: base.into(),
+            client,
+            authorization: None,
+        }
+    }
+
+    pub fn basic(mut self, user: &str, pass: &str) -> Self {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        self.authorization = Some(format!("Basic {encoded}"));
+        self
+    }
+
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.authorization = Some(format!("Bearer {token}"));
+        self
+    }
+
+    fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut r = self.client.request(method, url);
+        if let Some(a) = &self.authorization {
+            r = r.header("Authorization", a);
+        }
+        r
+    }
+
+    pub async fn blob(&self, repo: &str, blob: &Blob) {
+        let resp = self
+            .req(
+                reqwest::Method::POST,
+                &format!("{}/v2/{repo}/blobs/uploads/", self.base),
+            )
+            .send()
+            .await
+            .expect("start upload");
+        assert_eq!(
+            resp.status().as_u16(),
+            202,
+            "start upload to {repo}: {}",
+            resp.status()
+        );
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .expect("upload location")
+            .to_string();
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let resp = self
+            .req(
+                reqwest::Method::PUT,
+                &format!("{location}{sep}digest={}", blob.digest),
+            )
+            .header("Content-Type", "application/octet-stream")
+            .body(blob.bytes.clone())
+            .send()
+            .await
+            .expect("finish upload");
+        assert_eq!(
+            resp.status().as_u16(),
+            201,
+            "upload blob to {repo}: {}",
+            resp.status()
+        );
+    }
+
+    pub async fn manifest(&self, repo: &str, reference: &str, body: &[u8], media_type: &str) {
+        let resp = self
+            .req(
+                reqwest::Method::PUT,
+                &format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            )
+            .header("Content-Type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("put manifest");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(
+            status.as_u16(),
+            201,
+            "put manifest {repo}:{reference}: {text}"
+        );
+    }
+
+    pub async fn image(&self, repo: &str, tag: &str, image: &Image) {
+        self.blob(repo, &image.layer).await;
+        self.blob(repo, &image.config).await;
+        self.manifest(repo, tag, &image.manifest, image.media_type)
+            .await;
+    }
+
+    pub async fn index(&self, repo: &str, tag: &str, index: &Index) {
+        for image in &index.images {
+            self.blob(repo, &image.layer).await;
+            self.blob(repo, &image.config).await;
+            self.manifest(repo, &image.digest, &image.manifest, image.media_type)
+                .await;
+        }
+        self.manifest(repo, tag, &index.body, index.media_type)
+            .await;
+    }
+}
+
+/// The sample function images: what the README demo and many tests use.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    /// `fns/set-namespace:v0.4`: OCI image with Entrypoint.
+    pub entrypoint: Image,
+    /// `fns/cmd-only:v1`: Docker schema 2 image with only Cmd.
+    pub cmd_only: Image,
+    /// `fns/no-entrypoint:v1`: neither Entrypoint nor Cmd.
+    pub neither: Image,
+    /// `fns/multi-arch:v1`: OCI index, amd64 and arm64 with different entrypoints.
+    pub multi: Index,
+}
+
+pub fn samples() -> Samples {
+    Samples {
+        entrypoint: image(
+            "set-namespace",
+            Some(&["/usr/local/bin/function"]),
+            None,
+            "linux/amd64",
+            false,
+        ),
+        cmd_only: image(
+            "cmd-only",
+            None,
+            Some(&["/bin/fn", "--serve"]),
+            "linux/amd64",
+            true,
+        ),
+        neither: image("no-entrypoint", None, None, "linux/amd64", false),
+        multi: index(
+            vec![
+                image(
+                    "multi-arch",
+                    Some(&["/fn-amd64"]),
+                    None,
+                    "linux/amd64",
+                    false,
+                ),
+                image(
+                    "multi-arch",
+                    Some(&["/fn-arm64"]),
+                    Some(&["--arm"]),
+                    "linux/arm64",
+                    false,
+                ),
+            ],
+            false,
+        ),
+    }
+}
+
+impl Samples {
+    pub async fn push(&self, pusher: &Pusher) {
+        pusher
+            .image("fns/set-namespace", "v0.4", &self.entrypoint)
+            .await;
+        pusher.image("fns/cmd-only", "v1", &self.cmd_only).await;
+        pusher.image("fns/no-entrypoint", "v1", &self.neither).await;
+        pusher.index("fns/multi-arch", "v1", &self.multi).await;
+    }
+}

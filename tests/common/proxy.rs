@@ -1,0 +1,212 @@
+//! An HTTP proxy in front of a real registry that counts requests and can
+//! inject faults (status codes, delays), so tests can assert exactly how many
+//! round trips a resolve costs and how failures are handled.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::response::Response;
+
+/// A fault applied to matching requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Answer with this status (and `Retry-After` when given) without
+    /// reaching the registry.
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+    },
+    /// Wait this long before forwarding.
+    Delay(Duration),
+    /// Serve this body instead of the registry's (a lying registry), keeping
+    /// the registry's headers.
+    ReplaceBody(Vec<u8>),
+}
+
+/// What a request was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Manifest,
+    Blob,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub kind: Kind,
+    pub authorization: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    upstream: String,
+    client: reqwest::Client,
+    seen: Mutex<Vec<Seen>>,
+    fault: Mutex<(Fault, Option<Kind>)>,
+}
+
+/// Handle to a running proxy.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    pub port: u16,
+    /// `127.0.0.1:PORT`: use it as the registry host (plain HTTP).
+    pub host: String,
+}
+
+fn kind_of(path: &str) -> Kind {
+    if path.contains("/manifests/") {
+        Kind::Manifest
+    } else if path.contains("/blobs/") {
+        Kind::Blob
+    } else {
+        Kind::Other
+    }
+}
+
+impl Proxy {
+    /// Proxies to `upstream` (e.g. `http://127.0.0.1:5000`).
+    pub async fn start(upstream: &str) -> Self {
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("proxy client"),
+            seen: Mutex::new(Vec::new()),
+            fault: Mutex::new((Fault::None, None)),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let app = Router::new().fallback(forward).with_state(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            shared,
+            port,
+            host: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Applies `fault` to requests of `only` kind (all when `None`).
+    pub fn set_fault(&self, fault: Fault, only: Option<Kind>) {
+        *self.shared.fault.lock().expect("fault") = (fault, only);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().expect("seen").clone()
+    }
+
+    pub fn reset(&self) {
+        self.shared.seen.lock().expect("seen").clear();
+    }
+
+    pub fn count(&self, method: &str, kind: Kind) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.method == method && s.kind == kind)
+            .count()
+    }
+
+    pub fn total(&self) -> usize {
+        self.seen().len()
+    }
+}
+
+async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let method = request.method().clone();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let kind = kind_of(request.uri().path());
+    shared.seen.lock().expect("seen").push(Seen {
+        method: method.to_string(),
+        path: request.uri().path().to_string(),
+        kind,
+        authorization: request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
+    let (fault, only) = shared.fault.lock().expect("fault").clone();
+    let applies = only.is_none_or(|k| k == kind);
+    let mut replace_body = None;
+    if applies {
+        match fault {
+            Fault::None => {}
+            Fault::Status { code, retry_after } => {
+                let mut resp = Response::builder().status(code);
+                if let Some(secs) = retry_after {
+                    resp = resp.header("Retry-After", secs.to_string());
+                }
+                return resp
+                    .header("Content-Type", "application/json")
+                    .body(Body::from(
+                        r#"{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}"#,
+                    ))
+                    .expect("fault response");
+            }
+            Fault::Delay(d) => tokio::time::sleep(d).await,
+            Fault::ReplaceBody(body) => replace_body = Some(body),
+        }
+    }
+    let headers: HeaderMap = request
+        .headers()
+        .iter()
+        .filter(|(k, _)| *k != "host" && *k != "content-length")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return status(StatusCode::BAD_REQUEST),
+    };
+    let upstream = shared
+        .client
+        .request(method, format!("{}{path_and_query}", shared.upstream))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let upstream = match upstream {
+        Ok(r) => r,
+        Err(_) => return status(StatusCode::BAD_GATEWAY),
+    };
+    let mut resp = Response::builder().status(upstream.status().as_u16());
+    for (k, v) in upstream.headers() {
+        if k == "transfer-encoding" || k == "connection" {
+            continue;
+        }
+        if replace_body.is_some() && k == "content-length" {
+            continue;
+        }
+        resp = resp.header(
+            HeaderName::from_bytes(k.as_ref()).expect("header"),
+            v.clone(),
+        );
+    }
+    let bytes = match replace_body {
+        Some(b) => b.into(),
+        None => upstream.bytes().await.unwrap_or_default(),
+    };
+    resp.body(Body::from(bytes)).expect("proxied response")
+}
+
+fn status(code: StatusCode) -> Response {
+    Response::builder()
+        .status(code)
+        .body(Body::empty())
+        .expect("status response")
+}

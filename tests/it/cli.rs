@@ -1,0 +1,132 @@
+//! The `fn-image-resolver` binary, run as a user would.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::PlainEnv;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
+
+fn lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn resolve_prints_one_json_line_per_image_and_fails_if_any_failed() {
+    let env = PlainEnv::start().await;
+    let good = env.image("fns/set-namespace:v0.4");
+    let missing = env.image("fns/set-namespace:nope");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "resolve",
+            "--insecure-registry",
+            &env.proxy.host,
+            &good,
+            &missing,
+            "Not/A/Ref",
+        ])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = lines(&out.stdout);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["image"], good.as_str());
+    assert_eq!(lines[0]["digest"], env.samples.entrypoint.digest.as_str());
+    assert_eq!(
+        lines[0]["pinned"],
+        format!("{good}@{}", env.samples.entrypoint.digest).as_str()
+    );
+    assert_eq!(
+        lines[0]["entrypoint"],
+        serde_json::json!(["/usr/local/bin/function"])
+    );
+    assert_eq!(lines[0]["cmd"], serde_json::json!([]));
+    assert_eq!(lines[0]["platform"], "linux/amd64");
+    assert_eq!(lines[0]["registry"], env.proxy.host.as_str());
+    assert_eq!(lines[0]["pullSecret"], Value::Null);
+    assert_eq!(lines[1]["error"]["kind"], "not-found");
+    assert!(
+        lines[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&missing))
+    );
+    assert_eq!(lines[2]["error"]["kind"], "invalid-reference");
+    assert_eq!(lines[2]["image"], "Not/A/Ref");
+}
+
+#[tokio::test]
+async fn every_flag_is_settable_from_the_environment() {
+    let env = PlainEnv::start().await;
+    let out = tokio::process::Command::new(BIN)
+        .args(["resolve", &env.image("fns/multi-arch:v1")])
+        .env("FN_IMAGE_RESOLVER_INSECURE_REGISTRY", &env.proxy.host)
+        .env("FN_IMAGE_RESOLVER_PLATFORM", "linux/arm64")
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = lines(&out.stdout);
+    assert_eq!(lines[0]["entrypoint"], serde_json::json!(["/fn-arm64"]));
+    assert_eq!(lines[0]["digest"], env.samples.multi.digest.as_str());
+}
+
+#[test]
+fn help_lists_the_seed_flags_with_their_env_vars() {
+    let out = Command::new(BIN)
+        .args(["resolve", "--help"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--enable-private-registries",
+        "--registry-auth-secret-path",
+        "--registry-auth-secret-name",
+        "--enable-private-registries-tls",
+        "--tls-secret-path",
+        "--pod-namespace",
+        "--platform",
+        "--default-image-prefix",
+        "--insecure-registry",
+        "/var/tmp/auth-secret/.dockerconfigjson",
+        "FN_IMAGE_RESOLVER_ENABLE_PRIVATE_REGISTRIES",
+    ] {
+        assert!(help.contains(flag), "missing {flag} in:\n{help}");
+    }
+}
+
+#[test]
+fn a_broken_docker_config_is_a_clear_error_without_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(".dockerconfigjson");
+    std::fs::write(&path, "{\"auths\": {\"r.io\": {\"password\": TOPSECRET}}}").expect("write");
+    let out = Command::new(BIN)
+        .args(["resolve", "--enable-private-registry=true", "r.io/fns/x:v1"])
+        .arg(format!("--registry-auth-secret-path={}", path.display()))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&path.display().to_string()) && stderr.contains("not valid JSON"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("TOPSECRET") && out.stdout.is_empty(),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,91 @@
+//! Integration tests against real components (see tests/common).
+//! One test binary so the crate and its dependencies are linked once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cli;
+mod resolve_auth;
+mod resolve_plain;
+mod resolve_tls;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fn_image_resolver::registry::{Resolver, ResolverSettings};
+
+use common::oci::{Pusher, Samples, samples};
+use common::proxy::Proxy;
+use common::registry::{Auth, Registry};
+
+pub const PREFIX: &str = "ghcr.io/kptdev/krm-functions-catalog/";
+
+/// Defaults like the CLI's, private registries off, nothing insecure.
+pub fn settings() -> ResolverSettings {
+    ResolverSettings {
+        default_prefix: PREFIX.into(),
+        platform: "linux/amd64".parse().expect("platform"),
+        private_registries: false,
+        docker_config_path: PathBuf::from("/nonexistent/.dockerconfigjson"),
+        pull_secret_name: "auth-secret".into(),
+        tls_ca_dir: None,
+        insecure_hosts: Vec::new(),
+        request_timeout: Duration::from_secs(10),
+        resolve_timeout: Duration::from_secs(10),
+    }
+}
+
+pub fn resolver(settings: &ResolverSettings) -> Resolver {
+    common::init_crypto();
+    Resolver::new(settings).expect("resolver")
+}
+
+/// A plain-HTTP registry with the sample images, behind a counting proxy.
+#[derive(Debug)]
+pub struct PlainEnv {
+    pub registry: Registry,
+    pub proxy: Proxy,
+    pub samples: Samples,
+}
+
+impl PlainEnv {
+    pub async fn start() -> Self {
+        common::init_crypto();
+        let registry = Registry::start(None, Auth::None);
+        let samples = samples();
+        samples
+            .push(&Pusher::new(registry.url(), reqwest::Client::new()))
+            .await;
+        let proxy = Proxy::start(&registry.url()).await;
+        Self {
+            registry,
+            proxy,
+            samples,
+        }
+    }
+
+    /// `PROXY_HOST/path`
+    pub fn image(&self, path: &str) -> String {
+        format!("{}/{path}", self.proxy.host)
+    }
+
+    /// Settings that allow plain HTTP to the proxy.
+    pub fn settings(&self) -> ResolverSettings {
+        let mut s = settings();
+        s.insecure_hosts = vec![self.proxy.host.clone()];
+        s
+    }
+}
+
+/// Writes a Docker config into a temp dir and returns (dir, path).
+pub fn docker_config(json: &serde_json::Value) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(".dockerconfigjson");
+    std::fs::write(&path, serde_json::to_vec(json).expect("json")).expect("write config");
+    (dir, path)
+}
+
+pub fn basic_auth(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}

@@ -1,0 +1,336 @@
+//! Credentials: htpasswd Basic auth over TLS, and bearer tokens from a token
+//! server (how Docker Hub, GHCR, Harbor and Quay work).
+
+use serde_json::json;
+
+use fn_image_resolver::registry::{ErrorKind, Resolver};
+
+use crate::common::oci::{Pusher, Samples, samples};
+use crate::common::proxy::{Kind, Proxy};
+use crate::common::registry::{Auth, Registry, tls_pair};
+use crate::common::token::{ISSUER, SERVICE, TokenServer};
+use crate::{basic_auth, docker_config, resolver, settings};
+
+const PASSWORD: &str = "s3cret-PASSWORD-marker";
+const REFRESH: &str = "refresh-TOKEN-marker";
+
+#[derive(Debug)]
+struct BasicEnv {
+    registry: Registry,
+    ca: tempfile::TempDir,
+    samples: Samples,
+}
+
+async fn basic_env() -> BasicEnv {
+    crate::common::init_crypto();
+    let (ca, issued) = tls_pair("basic-auth registry CA");
+    let registry = Registry::start(
+        Some(&issued),
+        Auth::Basic {
+            user: "fn-user".into(),
+            pass: PASSWORD.into(),
+        },
+    );
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca"))
+        .build()
+        .expect("client");
+    let samples = samples();
+    samples
+        .push(&Pusher::new(registry.url(), client).basic("fn-user", PASSWORD))
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("ca.crt");
+    BasicEnv {
+        registry,
+        ca: dir,
+        samples,
+    }
+}
+
+impl BasicEnv {
+    fn settings(&self, config: &std::path::Path) -> fn_image_resolver::registry::ResolverSettings {
+        let mut s = settings();
+        s.private_registries = true;
+        s.docker_config_path = config.to_path_buf();
+        s.tls_ca_dir = Some(self.ca.path().to_path_buf());
+        s
+    }
+}
+
+#[tokio::test]
+async fn basic_auth_with_docker_config_credentials() {
+    let env = basic_env().await;
+    let host = env.registry.host.clone();
+    let image = format!("{host}/fns/set-namespace:v0.4");
+
+    let (_d, good) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let got = resolver(&env.settings(&good))
+        .resolve(&image, None)
+        .await
+        .expect("resolves");
+    assert_eq!(got.digest, env.samples.entrypoint.digest);
+    assert_eq!(got.pull_secret.as_deref(), Some("auth-secret"));
+
+    // username/password fields and an https:// key spelling work the same.
+    let (_d, fields) = docker_config(
+        &json!({"auths": {format!("https://{host}"): {"username": "fn-user", "password": PASSWORD}}}),
+    );
+    let got = resolver(&env.settings(&fields))
+        .resolve(&image, None)
+        .await
+        .expect("resolves");
+    assert_eq!(got.digest, env.samples.entrypoint.digest);
+
+    let (_d, wrong) = docker_config(
+        &json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", "wrong-pass")}}}),
+    );
+    let err = resolver(&env.settings(&wrong))
+        .resolve(&image, None)
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert!(err.to_string().contains("not accepted"), "{err}");
+
+    let (_d, other) = docker_config(
+        &json!({"auths": {"other.example.com": {"auth": basic_auth("fn-user", PASSWORD)}}}),
+    );
+    let r = resolver(&env.settings(&other));
+    let err = r
+        .resolve(&image, None)
+        .await
+        .expect_err("no credentials for this host");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    let msg = err.to_string();
+    assert!(msg.contains("no credentials are configured"), "{msg}");
+    assert!(!msg.contains(PASSWORD), "{msg}");
+
+    // Private registries disabled: anonymous, as the seed says, even with a config.
+    let mut s = env.settings(&good);
+    s.private_registries = false;
+    let err = resolver(&s)
+        .resolve(&image, None)
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+}
+
+#[tokio::test]
+async fn broken_docker_configs_are_clear_startup_errors_without_secrets() {
+    crate::common::init_crypto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(".dockerconfigjson");
+    std::fs::write(
+        &path,
+        format!("{{\"auths\": {{\"r.io\": {{\"auth\": \"{PASSWORD}\""),
+    )
+    .expect("write");
+    let mut s = settings();
+    s.private_registries = true;
+    s.docker_config_path = path.clone();
+    let msg = Resolver::new(&s).expect_err("truncated JSON").to_string();
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("not valid JSON"),
+        "{msg}"
+    );
+    assert!(!msg.contains(PASSWORD), "{msg}");
+
+    s.docker_config_path = dir.path().join("missing.json");
+    let msg = Resolver::new(&s).expect_err("missing").to_string();
+    assert!(msg.contains("missing.json"), "{msg}");
+}
+
+#[derive(Debug)]
+struct TokenEnv {
+    registry: Registry,
+    proxy: Proxy,
+    tokens: TokenServer,
+    samples: Samples,
+}
+
+/// A token-auth registry (plain HTTP behind the counting proxy) and its token server.
+async fn token_env() -> TokenEnv {
+    crate::common::init_crypto();
+    let tokens = TokenServer::start(&[("fn-user", PASSWORD)], &[(REFRESH, "fn-user")], false).await;
+    let registry = Registry::start(
+        None,
+        Auth::Token {
+            realm: tokens.realm(),
+            service: SERVICE.into(),
+            issuer: ISSUER.into(),
+            root_pem: tokens.root_pem.clone(),
+        },
+    );
+    let samples = samples();
+    let scope = [
+        "fns/set-namespace",
+        "fns/cmd-only",
+        "fns/no-entrypoint",
+        "fns/multi-arch",
+    ]
+    .map(|r| format!("repository:{r}:pull,push"))
+    .join(" ");
+    let push_token = tokens.issue("pusher", &scope);
+    samples
+        .push(&Pusher::new(registry.url(), reqwest::Client::new()).bearer(&push_token))
+        .await;
+    let proxy = Proxy::start(&registry.url()).await;
+    TokenEnv {
+        registry,
+        proxy,
+        tokens,
+        samples,
+    }
+}
+
+impl TokenEnv {
+    fn settings(&self, config: &std::path::Path) -> fn_image_resolver::registry::ResolverSettings {
+        let mut s = settings();
+        s.private_registries = true;
+        s.docker_config_path = config.to_path_buf();
+        s.insecure_hosts = vec![
+            self.proxy.host.clone(),
+            format!("127.0.0.1:{}", self.tokens.port),
+        ];
+        s
+    }
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_once_per_repository_and_reused() {
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let (_d, cfg) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let r = resolver(&env.settings(&cfg));
+
+    let got = r
+        .resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
+        .await
+        .expect("resolves");
+    assert_eq!(got.digest, env.samples.entrypoint.digest);
+    assert_eq!(got.pull_secret.as_deref(), Some("auth-secret"));
+    // First contact: the manifest GET collects the challenge (401), one token,
+    // the manifest again, the config.
+    assert_eq!(env.tokens.count(), 1);
+    assert_eq!(env.proxy.count("GET", Kind::Manifest), 2);
+    assert_eq!(env.proxy.count("GET", Kind::Blob), 1);
+    assert_eq!(env.proxy.total(), 3);
+
+    // Another repository: the host's realm is known, so the token is fetched
+    // up front and no request is refused first.
+    env.proxy.reset();
+    let got = r
+        .resolve(&format!("{host}/fns/multi-arch:v1"), None)
+        .await
+        .expect("resolves");
+    assert_eq!(got.digest, env.samples.multi.digest);
+    assert_eq!(env.tokens.count(), 2);
+    assert_eq!(
+        env.proxy.total(),
+        3,
+        "index, platform manifest, config: {:?}",
+        env.proxy.seen()
+    );
+
+    // The same repository again: the token is reused.
+    env.proxy.reset();
+    r.resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
+        .await
+        .expect("resolves");
+    assert_eq!(env.tokens.count(), 2, "token reused");
+    assert_eq!(env.proxy.total(), 2);
+    assert!(
+        env.proxy.seen().iter().all(|s| s
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer "))),
+        "the registry only ever sees the token, never the password"
+    );
+    let scopes = env.tokens.scopes.lock().expect("scopes").clone();
+    assert_eq!(
+        scopes,
+        vec![
+            "repository:fns/set-namespace:pull",
+            "repository:fns/multi-arch:pull"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn identity_tokens_use_the_oauth2_refresh_flow() {
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let (_d, cfg) = docker_config(
+        &json!({"auths": {host.clone(): {"username": "<token>", "identitytoken": REFRESH}}}),
+    );
+    let got = resolver(&env.settings(&cfg))
+        .resolve(&format!("{host}/fns/cmd-only:v1"), None)
+        .await
+        .expect("resolves with a refresh token");
+    assert_eq!(got.digest, env.samples.cmd_only.digest);
+    assert_eq!(got.entrypoint, vec!["/bin/fn", "--serve"]);
+}
+
+#[tokio::test]
+async fn token_server_refusals_and_outages_are_typed_and_leak_nothing() {
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let image = format!("{host}/fns/set-namespace:v0.4");
+
+    let (_d, wrong) = docker_config(
+        &json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", "not-the-password")}}}),
+    );
+    let err = resolver(&env.settings(&wrong))
+        .resolve(&image, None)
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert!(err.to_string().contains("credentials rejected"), "{err}");
+
+    let (_d, none) = docker_config(&json!({"auths": {}}));
+    let err = resolver(&env.settings(&none))
+        .resolve(&image, None)
+        .await
+        .expect_err("anonymous refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert!(
+        err.to_string().contains("no credentials configured"),
+        "{err}"
+    );
+
+    let (_d, bad_refresh) = docker_config(
+        &json!({"auths": {host.clone(): {"identitytoken": "expired-refresh-token"}}}),
+    );
+    let err = resolver(&env.settings(&bad_refresh))
+        .resolve(&image, None)
+        .await
+        .expect_err("bad refresh token");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert!(!err.to_string().contains("expired-refresh-token"), "{err}");
+
+    // A token realm on plain HTTP that is not marked insecure gets no password.
+    let (_d, good) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let mut s = env.settings(&good);
+    s.insecure_hosts = vec![host.clone()];
+    let before = env.tokens.count();
+    let err = resolver(&s)
+        .resolve(&image, None)
+        .await
+        .expect_err("plain-HTTP realm");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert!(
+        err.to_string().contains("refusing to send credentials"),
+        "{err}"
+    );
+    assert_eq!(
+        env.tokens.count(),
+        before,
+        "the token server never saw the password"
+    );
+
+    assert!(!err.to_string().contains(PASSWORD));
+    drop(env.registry);
+}
