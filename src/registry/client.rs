@@ -305,8 +305,9 @@ impl RegistryClient {
         for (i, rung) in ladder.iter().copied().enumerate() {
             match self.send_on(rung, target, &method, path, kind).await {
                 Ok(resp) => {
-                    lock(&self.rungs).insert(target.host.to_string(), rung);
-                    if rung == Rung::PlainHttp {
+                    let previous = lock(&self.rungs).insert(target.host.to_string(), rung);
+                    // Loud, but once per host rather than once per request.
+                    if rung == Rung::PlainHttp && previous != Some(Rung::PlainHttp) {
                         warn!(
                             registry = target.registry,
                             "using plain HTTP for an --insecure-registry host; credentials and images are not protected in transit"

@@ -1,0 +1,38 @@
+//! Starts Debian's `docker-registry` on 127.0.0.1 with the sample function
+//! images the tests use, prints their references, and runs until Ctrl-C.
+//!
+//!     cargo run --example sample_registry -- [PORT]     (default 5000)
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use common::oci::{Pusher, samples};
+use common::registry::{Auth, Registry};
+
+#[tokio::main]
+async fn main() {
+    let port: u16 = std::env::args()
+        .nth(1)
+        .map(|p| p.parse().expect("PORT must be a number"))
+        .unwrap_or(5000);
+    common::init_crypto();
+    let registry = Registry::start_on(port, None, Auth::None, None);
+    let images = samples();
+    images
+        .push(&Pusher::new(registry.url(), reqwest::Client::new()))
+        .await;
+    let host = &registry.host;
+    println!("sample registry on http://{host} (plain HTTP: pass --insecure-registry {host})");
+    for (image, digest) in [
+        ("fns/set-namespace:v0.4", &images.entrypoint.digest),
+        ("fns/cmd-only:v1", &images.cmd_only.digest),
+        ("fns/no-entrypoint:v1", &images.neither.digest),
+        ("fns/multi-arch:v1", &images.multi.digest),
+    ] {
+        println!("  {host}/{image}  {digest}");
+    }
+    println!("ready");
+    let _ = tokio::signal::ctrl_c().await;
+    drop(registry);
+}
