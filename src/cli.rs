@@ -7,7 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use crate::config::{LogArgs, RegistryArgs};
+use crate::cache::{CacheSettings, CachedResolver};
+use crate::config::{CacheArgs, LogArgs, RegistryArgs, ServerArgs};
+use crate::metrics::Metrics;
 use crate::registry::{Resolution, ResolveError, Resolver};
 
 /// Pins Porch KRM function images to digests, fills their entrypoints from the
@@ -28,6 +30,19 @@ pub enum Command {
     /// Exits 1 if any image failed; its line then holds
     /// {"image": ..., "error": {"kind": ..., "message": ...}}.
     Resolve(ResolveArgs),
+    /// Run the long-lived service: the resolver endpoint (sidecar mode) with
+    /// the shared cache, health, readiness and metrics.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +75,7 @@ pub fn run() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Resolve(args) => resolve(args).await,
+            Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
@@ -72,15 +88,21 @@ pub fn run() -> ExitCode {
 }
 
 async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
-    let resolver = Arc::new(Resolver::new(&args.registry.resolver_settings())?);
+    let metrics = Metrics::new();
+    let resolver = Arc::new(Resolver::with_observer(
+        &args.registry.resolver_settings(),
+        Some(metrics.clone()),
+    )?);
+    // The same cache as the server: an image named twice is fetched once.
+    let cache = CachedResolver::new(resolver, CacheSettings::default(), metrics);
     // Resolve concurrently, print in the order given.
     let tasks: Vec<_> = args
         .images
         .iter()
         .map(|image| {
-            let resolver = resolver.clone();
+            let cache = cache.clone();
             let image = image.clone();
-            tokio::spawn(async move { resolver.resolve(&image, None).await })
+            tokio::spawn(async move { cache.resolve(&image, None).await.map(|(r, _)| r) })
         })
         .collect();
     let mut failed = false;

@@ -2,12 +2,14 @@
 //! (`FN_IMAGE_RESOLVER_` + the flag name in upper snake case); the seed flags
 //! keep their exact names, aliases and defaults.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 
+use crate::cache::CacheSettings;
 use crate::registry::{Platform, ResolverSettings};
 
 /// Registry access: shared by `resolve` and `serve`.
@@ -115,6 +117,76 @@ impl RegistryArgs {
             resolve_timeout: self.registry_timeout,
         }
     }
+}
+
+/// The shared resolver cache.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cache")]
+pub struct CacheArgs {
+    /// Most cached answers (and remembered failures) kept in memory.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_CACHE_CAPACITY",
+        default_value_t = 10_000,
+        value_name = "ENTRIES"
+    )]
+    pub cache_capacity: u64,
+
+    /// Age after which a tag's answer is revalidated with a HEAD (in the
+    /// background; the cached answer is served meanwhile). Digests never expire.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_CACHE_TAG_TTL", default_value = "5m",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub cache_tag_ttl: Duration,
+
+    /// How long past the TTL an answer is still served while the registry fails.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_CACHE_MAX_STALE", default_value = "1h",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub cache_max_stale: Duration,
+
+    /// How long "not found" and "unauthorized" answers are remembered.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_CACHE_NEGATIVE_TTL", default_value = "30s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub cache_negative_ttl: Duration,
+}
+
+impl CacheArgs {
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            capacity: self.cache_capacity,
+            tag_ttl: self.cache_tag_ttl,
+            max_stale: self.cache_max_stale,
+            negative_ttl: self.cache_negative_ttl,
+        }
+    }
+}
+
+/// The resolver endpoint and process behaviour of `serve`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Server")]
+pub struct ServerArgs {
+    /// Address of the plain-HTTP resolver endpoint (/v1/resolve, /healthz,
+    /// /readyz, /metrics). Loopback only: it is the function runner's sidecar.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_RESOLVER_LISTEN",
+        default_value = "127.0.0.1:9445",
+        value_name = "ADDR"
+    )]
+    pub resolver_listen: SocketAddr,
+
+    /// Most images in one POST /v1/resolve batch.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_MAX_BATCH",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub max_batch: usize,
+
+    /// After SIGTERM, how long in-flight requests may take before exit.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_TIMEOUT", default_value = "20s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

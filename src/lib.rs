@@ -4,8 +4,11 @@
 //! The binary is a thin shell over this library so that the CLI, the server and
 //! the tests all run the same code.
 
+pub mod cache;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod registry;
+pub mod server;
 pub mod telemetry;

@@ -235,6 +235,11 @@ impl DockerConfig {
         self.auths.get(registry)
     }
 
+    /// Identities of every configured credential.
+    pub fn identities(&self) -> Vec<CredentialId> {
+        self.auths.values().map(Credential::identity).collect()
+    }
+
     pub fn registries(&self) -> impl Iterator<Item = &str> {
         self.auths.keys().map(String::as_str)
     }

@@ -50,6 +50,8 @@ struct Shared {
     client: reqwest::Client,
     seen: Mutex<Vec<Seen>>,
     fault: Mutex<(Fault, Option<Kind>)>,
+    /// Added before every request of the fault's kind, whatever the fault.
+    delay: Mutex<Duration>,
 }
 
 /// Handle to a running proxy.
@@ -82,6 +84,7 @@ impl Proxy {
                 .expect("proxy client"),
             seen: Mutex::new(Vec::new()),
             fault: Mutex::new((Fault::None, None)),
+            delay: Mutex::new(Duration::ZERO),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -101,6 +104,11 @@ impl Proxy {
     /// Applies `fault` to requests of `only` kind (all when `None`).
     pub fn set_fault(&self, fault: Fault, only: Option<Kind>) {
         *self.shared.fault.lock().expect("fault") = (fault, only);
+    }
+
+    /// Delays matching requests (on top of any fault): makes a slow registry.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.shared.delay.lock().expect("delay") = delay;
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -143,6 +151,10 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     });
     let (fault, only) = shared.fault.lock().expect("fault").clone();
     let applies = only.is_none_or(|k| k == kind);
+    let delay = *shared.delay.lock().expect("delay");
+    if applies && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut replace_body = None;
     if applies {
         match fault {

@@ -4,15 +4,22 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cache;
 mod cli;
 mod resolve_auth;
 mod resolve_plain;
 mod resolve_tls;
+mod serve;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use fn_image_resolver::cache::{CacheSettings, CachedResolver};
+use fn_image_resolver::metrics::Metrics;
 use fn_image_resolver::registry::{Resolver, ResolverSettings};
+use fn_image_resolver::server::{AppState, Readiness};
 
 use common::oci::{Pusher, Samples, samples};
 use common::proxy::Proxy;
@@ -88,4 +95,70 @@ pub fn docker_config(json: &serde_json::Value) -> (tempfile::TempDir, PathBuf) {
 pub fn basic_auth(user: &str, pass: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
+/// A cached resolver over `settings`, with its metrics.
+pub fn cached(settings: &ResolverSettings, cache: CacheSettings) -> (CachedResolver, Arc<Metrics>) {
+    common::init_crypto();
+    let metrics = Metrics::new();
+    let resolver = Resolver::with_observer(settings, Some(metrics.clone())).expect("resolver");
+    (
+        CachedResolver::new(Arc::new(resolver), cache, metrics.clone()),
+        metrics,
+    )
+}
+
+/// The resolver endpoint served in-process on a loopback port.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub base: String,
+    pub cache: CachedResolver,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Endpoint {
+    pub async fn start(settings: &ResolverSettings, cache: CacheSettings) -> Self {
+        let (cache, metrics) = cached(settings, cache);
+        let readiness = Arc::new(Readiness::default());
+        readiness.set("resolver", Ok(()));
+        let state = Arc::new(AppState {
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            readiness,
+            max_batch: 10,
+        });
+        let port = common::free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(fn_image_resolver::server::serve_loopback(
+            addr,
+            fn_image_resolver::server::router(state),
+            shutdown.clone(),
+        ));
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            base: format!("http://{addr}"),
+            cache,
+            metrics,
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, image: &str) -> String {
+        let mut url = url::Url::parse(&format!("{}/v1/resolve", self.base)).expect("url");
+        url.query_pairs_mut().append_pair("image", image);
+        url.to_string()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }

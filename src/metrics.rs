@@ -1,0 +1,215 @@
+//! Prometheus metrics. Labels are small fixed sets (route, outcome, request
+//! kind, status code, registry host); never a credential, token, image name or
+//! other unbounded value.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::registry::client::{RequestKind, RequestObserver};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    registry: String,
+    kind: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    registry: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~0.8 s: cache hits at the low end, registry round trips above.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 15))
+}
+
+/// All metrics of the process.
+pub struct Metrics {
+    registry: Registry,
+    lookups: Family<ResultLabel, Counter>,
+    revalidations: Family<ResultLabel, Counter>,
+    pub cache_evictions: Counter,
+    pub cache_entries: Gauge,
+    registry_requests: Family<RegistryLabels, Counter>,
+    registry_latency: HistogramFamily<KindLabels>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_latency: HistogramFamily<RouteLabels>,
+    // Handles for the hot path: no label allocation per cache hit.
+    hit: Counter,
+    miss: Counter,
+    stale: Counter,
+    negative: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("fn_image_resolver");
+        let lookups = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Resolver cache lookups by result (hit, miss, stale, negative)",
+            lookups.clone(),
+        );
+        let revalidations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cache_revalidations",
+            "Background revalidations of stale tag answers by result (refreshed, gone, failed)",
+            revalidations.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Entries evicted to stay within the cache capacity",
+            cache_evictions.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Entries in the resolver cache",
+            cache_entries.clone(),
+        );
+        let registry_requests = Family::<RegistryLabels, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "HTTP requests to registries and token servers by registry, kind and status",
+            registry_requests.clone(),
+        );
+        let registry_latency: HistogramFamily<KindLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "registry_request_duration_seconds",
+            "Registry request latency by registry and kind",
+            registry_latency.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests served by route and outcome",
+            http_requests.clone(),
+        );
+        let http_latency: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests by route",
+            http_latency.clone(),
+        );
+        let handle = |result: &str| {
+            lookups.get_or_create_owned(&ResultLabel {
+                result: result.to_string(),
+            })
+        };
+        Arc::new(Self {
+            hit: handle("hit"),
+            miss: handle("miss"),
+            stale: handle("stale"),
+            negative: handle("negative"),
+            registry,
+            lookups,
+            revalidations,
+            cache_evictions,
+            cache_entries,
+            registry_requests,
+            registry_latency,
+            http_requests,
+            http_latency,
+        })
+    }
+
+    pub fn cache_lookup(&self, result: &'static str) {
+        match result {
+            "hit" => self.hit.inc(),
+            "miss" => self.miss.inc(),
+            "stale" => self.stale.inc(),
+            "negative" => self.negative.inc(),
+            other => self
+                .lookups
+                .get_or_create(&ResultLabel {
+                    result: other.to_string(),
+                })
+                .inc(),
+        };
+    }
+
+    pub fn cache_revalidation(&self, result: &'static str) {
+        self.revalidations
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records one served HTTP request.
+    pub fn http_request(&self, route: &str, outcome: &str, elapsed: Duration) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.http_latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl RequestObserver for Metrics {
+    fn observe(&self, registry: &str, kind: RequestKind, status: Option<u16>, elapsed: Duration) {
+        self.registry_requests
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_string(),
+                kind: kind.as_str().to_string(),
+                status: status.map_or_else(|| "error".to_string(), |s| s.to_string()),
+            })
+            .inc();
+        self.registry_latency
+            .get_or_create(&KindLabels {
+                registry: registry.to_string(),
+                kind: kind.as_str().to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}

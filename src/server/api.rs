@@ -1,0 +1,170 @@
+//! `/v1/resolve`: the resolver over HTTP, for the function runner (sidecar)
+//! and any other client.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use crate::cache::CacheStatus;
+use crate::registry::{ErrorKind, Platform, Resolution, ResolveError};
+
+#[derive(Debug, Deserialize)]
+pub struct ResolveQuery {
+    image: Option<String>,
+    platform: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    images: Vec<String>,
+    #[serde(default)]
+    platform: Option<String>,
+}
+
+/// A resolution plus where it came from.
+#[derive(Debug, Serialize)]
+pub struct Resolved {
+    #[serde(flatten)]
+    resolution: Resolution,
+    cached: CacheStatus,
+}
+
+/// An error answer: `{"error": {"kind", "message"}}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn bad_request(kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// HTTP status for a resolution failure: the client's fault (4xx), the
+/// registry's (502), too slow (504), or the registry's rate limit (429).
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidReference => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound | ErrorKind::PlatformNotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unauthorized
+        | ErrorKind::Tls
+        | ErrorKind::Unreachable
+        | ErrorKind::InvalidResponse
+        | ErrorKind::RegistryError => StatusCode::BAD_GATEWAY,
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> Self {
+        Self {
+            status: status_of(e.kind()),
+            kind: e.kind().as_str(),
+            message: e.to_string(),
+            retry_after: e.retry_after().map(|d| d.as_secs()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"kind": self.kind, "message": self.message}});
+        if let Some(secs) = self.retry_after {
+            body["error"]["retryAfterSeconds"] = json!(secs);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+fn platform(raw: Option<&str>) -> Result<Option<Platform>, ApiError> {
+    raw.filter(|p| !p.is_empty())
+        .map(|p| p.parse::<Platform>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid-platform", e.to_string()))
+}
+
+pub async fn resolve_one(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<ResolveQuery>, QueryRejection>,
+) -> Result<Json<Resolved>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad-request", e.body_text()))?;
+    let image = query.image.filter(|i| !i.is_empty()).ok_or_else(|| {
+        ApiError::bad_request("bad-request", "the query parameter `image` is required")
+    })?;
+    let platform = platform(query.platform.as_deref())?;
+    let (resolution, cached) = state.cache.resolve(&image, platform.as_ref()).await?;
+    Ok(Json(Resolved { resolution, cached }))
+}
+
+pub async fn resolve_batch(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<BatchRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(batch) = body.map_err(|e| ApiError {
+        status: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::BAD_REQUEST
+        },
+        kind: "bad-request",
+        message: format!(
+            "the body must be JSON {{\"images\": [\"…\"], \"platform\": \"os/arch\"}}: {}",
+            e.body_text()
+        ),
+        retry_after: None,
+    })?;
+    if batch.images.is_empty() {
+        return Err(ApiError::bad_request("bad-request", "`images` is empty"));
+    }
+    if batch.images.len() > state.max_batch {
+        return Err(ApiError::bad_request(
+            "batch-too-large",
+            format!(
+                "{} images in one request; at most {} (--max-batch)",
+                batch.images.len(),
+                state.max_batch
+            ),
+        ));
+    }
+    let platform = platform(batch.platform.as_deref())?;
+    let results = futures_util::future::join_all(batch.images.iter().map(|image| {
+        let cache = state.cache.clone();
+        let platform = platform.clone();
+        async move {
+            match cache.resolve(image, platform.as_ref()).await {
+                Ok((resolution, cached)) => {
+                    serde_json::to_value(Resolved { resolution, cached }).unwrap_or_default()
+                }
+                Err(e) => crate::cli::error_json(image, &e),
+            }
+        }
+    }))
+    .await;
+    Ok(Json(json!({"results": results})))
+}

@@ -1,0 +1,353 @@
+//! The shared cache against a real registry: coalescing, tag revalidation,
+//! stale answers, negative caching, capacity, credential changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fn_image_resolver::cache::{CacheSettings, CacheStatus};
+use fn_image_resolver::registry::ErrorKind;
+use serde_json::json;
+
+use crate::common::oci::{Pusher, image};
+use crate::common::proxy::{Fault, Kind};
+use crate::{Endpoint, PlainEnv, cached, docker_config};
+
+fn short_ttl() -> CacheSettings {
+    CacheSettings {
+        capacity: 1000,
+        tag_ttl: Duration::from_millis(800),
+        max_stale: Duration::from_secs(60),
+        negative_ttl: Duration::from_millis(800),
+    }
+}
+
+/// Sends `n` concurrent GET /v1/resolve requests; returns their statuses.
+async fn herd(endpoint: &Endpoint, image: &str, n: usize) -> Vec<u16> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(n)
+        .build()
+        .expect("client");
+    let url = endpoint.url(image);
+    let requests = (0..n).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .get(&url)
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_misses_make_one_registry_fetch() {
+    let env = PlainEnv::start().await;
+    let endpoint = Endpoint::start(&env.settings(), CacheSettings::default()).await;
+    // A registry slower than the herd's arrival, so every request overlaps
+    // the first fetch.
+    env.proxy.set_delay(Duration::from_millis(1000));
+    let statuses = herd(&endpoint, &env.image("fns/set-namespace:v0.4"), 200).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        env.proxy.count("GET", Kind::Manifest),
+        1,
+        "{:?}",
+        env.proxy.seen()
+    );
+    assert_eq!(env.proxy.count("GET", Kind::Blob), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_misses_on_a_failing_registry_share_one_failure() {
+    let env = PlainEnv::start().await;
+    let endpoint = Endpoint::start(&env.settings(), CacheSettings::default()).await;
+    env.proxy.set_delay(Duration::from_millis(1000));
+    env.proxy.set_fault(
+        Fault::Status {
+            code: 500,
+            retry_after: None,
+        },
+        None,
+    );
+    let statuses = herd(&endpoint, &env.image("fns/set-namespace:v0.4"), 200).await;
+    assert!(statuses.iter().all(|s| *s == 502), "{statuses:?}");
+    assert_eq!(
+        env.proxy.count("GET", Kind::Manifest),
+        1,
+        "one fetch, no retry per waiter"
+    );
+
+    // Transient failures are not cached: the next request tries again.
+    env.proxy.set_delay(Duration::ZERO);
+    env.proxy.set_fault(Fault::None, None);
+    let statuses = herd(&endpoint, &env.image("fns/set-namespace:v0.4"), 1).await;
+    assert_eq!(statuses, vec![200]);
+}
+
+#[tokio::test]
+async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
+    let env = PlainEnv::start().await;
+    let (cache, metrics) = cached(&env.settings(), short_ttl());
+    let tag = env.image("fns/set-namespace:v0.4");
+    let (first, status) = cache.resolve(&tag, None).await.expect("miss");
+    assert_eq!(status, CacheStatus::Miss);
+    assert_eq!(first.digest, env.samples.entrypoint.digest);
+
+    // Move the tag in the registry.
+    let moved = image(
+        "set-namespace v2",
+        Some(&["/new-function"]),
+        None,
+        "linux/amd64",
+        false,
+    );
+    Pusher::new(env.registry.url(), reqwest::Client::new())
+        .image("fns/set-namespace", "v0.4", &moved)
+        .await;
+
+    env.proxy.reset();
+    let (before, status) = cache.resolve(&tag, None).await.expect("hit");
+    assert_eq!(status, CacheStatus::Hit);
+    assert_eq!(
+        before.digest, first.digest,
+        "within the TTL the cached answer stands"
+    );
+    assert_eq!(env.proxy.total(), 0);
+
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (stale, status) = cache.resolve(&tag, None).await.expect("stale");
+    assert_eq!(
+        status,
+        CacheStatus::Stale,
+        "the old answer is served while revalidating"
+    );
+    assert_eq!(stale.digest, first.digest);
+
+    let mut after = stale;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = cache.resolve(&tag, None).await.expect("resolves").0;
+        if after.digest != first.digest {
+            break;
+        }
+    }
+    assert_eq!(after.digest, moved.digest);
+    assert_eq!(after.entrypoint, vec!["/new-function"]);
+    // Revalidation: a HEAD saw the new digest, then the new manifest and config.
+    assert_eq!(
+        env.proxy.count("HEAD", Kind::Manifest),
+        1,
+        "{:?}",
+        env.proxy.seen()
+    );
+    assert_eq!(env.proxy.count("GET", Kind::Manifest), 1);
+    assert_eq!(env.proxy.count("GET", Kind::Blob), 1);
+    assert!(
+        metrics
+            .encode()
+            .contains("fn_image_resolver_cache_revalidations_total{result=\"refreshed\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_tag_is_revalidated_with_one_head_and_digests_never_expire() {
+    let env = PlainEnv::start().await;
+    let (cache, _) = cached(&env.settings(), short_ttl());
+    let tag = env.image("fns/cmd-only:v1");
+    let pinned = env.image(&format!("fns/cmd-only@{}", env.samples.cmd_only.digest));
+    cache.resolve(&tag, None).await.expect("miss");
+    cache.resolve(&pinned, None).await.expect("miss");
+    env.proxy.reset();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        cache.resolve(&pinned, None).await.expect("hit").1,
+        CacheStatus::Hit
+    );
+    assert_eq!(
+        cache.resolve(&tag, None).await.expect("stale").1,
+        CacheStatus::Stale
+    );
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if cache.resolve(&tag, None).await.expect("resolves").1 == CacheStatus::Hit {
+            break;
+        }
+    }
+    assert_eq!(
+        cache.resolve(&tag, None).await.expect("fresh again").1,
+        CacheStatus::Hit
+    );
+    let seen: Vec<(String, Kind)> = env
+        .proxy
+        .seen()
+        .into_iter()
+        .map(|s| (s.method, s.kind))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("HEAD".to_string(), Kind::Manifest)],
+        "no config fetch for an unchanged tag"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_registry_still_answers_cached_tags_and_fails_fast_for_new_ones() {
+    let mut env = PlainEnv::start().await;
+    // Talk to the registry directly so that stopping it refuses connections.
+    let mut settings = crate::settings();
+    settings.insecure_hosts = vec![env.registry.host.clone()];
+    let (cache, metrics) = cached(&settings, short_ttl());
+    let tag = format!("{}/fns/set-namespace:v0.4", env.registry.host);
+    cache.resolve(&tag, None).await.expect("miss");
+    env.registry.stop();
+
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for _ in 0..3 {
+        let (answer, status) = cache.resolve(&tag, None).await.expect("served stale");
+        assert_eq!(status, CacheStatus::Stale);
+        assert_eq!(answer.digest, env.samples.entrypoint.digest);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        metrics
+            .encode()
+            .contains("fn_image_resolver_cache_revalidations_total{result=\"failed\"}")
+    );
+
+    let started = std::time::Instant::now();
+    let err = cache
+        .resolve(&format!("{}/fns/never-seen:v1", env.registry.host), None)
+        .await
+        .expect_err("registry down");
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fails fast, not after a timeout"
+    );
+}
+
+#[tokio::test]
+async fn definitive_failures_are_cached_briefly_transient_ones_not_at_all() {
+    let env = PlainEnv::start().await;
+    let (cache, _) = cached(&env.settings(), short_ttl());
+    let missing = env.image("fns/set-namespace:missing");
+    for _ in 0..3 {
+        let err = cache.resolve(&missing, None).await.expect_err("not found");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+    assert_eq!(env.proxy.total(), 1, "not-found remembered");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    cache.resolve(&missing, None).await.expect_err("not found");
+    assert_eq!(env.proxy.total(), 2, "and forgotten after the negative TTL");
+
+    env.proxy.reset();
+    env.proxy.set_fault(
+        Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+        None,
+    );
+    let image = env.image("fns/cmd-only:v1");
+    for _ in 0..3 {
+        cache.resolve(&image, None).await.expect_err("503");
+    }
+    assert_eq!(env.proxy.total(), 3, "5xx is retried on the next request");
+}
+
+#[tokio::test]
+async fn capacity_is_respected_under_a_stream_of_distinct_images() {
+    let env = PlainEnv::start().await;
+    let pusher = Pusher::new(env.registry.url(), reqwest::Client::new());
+    for i in 0..40 {
+        pusher
+            .manifest(
+                "fns/set-namespace",
+                &format!("t{i}"),
+                &env.samples.entrypoint.manifest,
+                env.samples.entrypoint.media_type,
+            )
+            .await;
+    }
+    let mut settings = short_ttl();
+    settings.capacity = 8;
+    let (cache, metrics) = cached(&env.settings(), settings);
+    for i in 0..40 {
+        cache
+            .resolve(&env.image(&format!("fns/set-namespace:t{i}")), None)
+            .await
+            .expect("resolves");
+    }
+    cache.run_pending_tasks().await;
+    assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
+    let text = metrics.encode();
+    let evicted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fn_image_resolver_cache_evictions_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("evictions metric");
+    assert!(evicted >= 32, "{evicted} evictions");
+}
+
+#[tokio::test]
+async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
+    let env = PlainEnv::start().await;
+    let host = env.proxy.host.clone();
+    let (dir, path) =
+        docker_config(&json!({"auths": {host.clone(): {"username": "u", "password": "old"}}}));
+    let mut settings = env.settings();
+    settings.private_registries = true;
+    settings.docker_config_path = path.clone();
+    let (cache, _) = cached(&settings, CacheSettings::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fn_image_resolver::server::watch_credentials(
+        path.clone(),
+        cache.resolver().credentials().clone(),
+        cache.clone(),
+        shutdown.clone(),
+    ));
+    let image = env.image("fns/set-namespace:v0.4");
+    let (first, _) = cache.resolve(&image, None).await.expect("miss");
+    assert_eq!(first.pull_secret.as_deref(), Some("auth-secret"));
+    assert_eq!(
+        cache.resolve(&image, None).await.expect("hit").1,
+        CacheStatus::Hit
+    );
+
+    // The kubelet's way: new content in a fresh dir, then swap the symlink.
+    let data = dir.path().join("..2026_11_23_new");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(
+        data.join(".dockerconfigjson"),
+        serde_json::to_vec(&json!({"auths": {host.clone(): {"username": "u", "password": "new"}}}))
+            .expect("json"),
+    )
+    .expect("write");
+    std::fs::remove_file(&path).expect("remove old file");
+    std::os::unix::fs::symlink(data.join(".dockerconfigjson"), &path).expect("symlink");
+
+    let mut dropped = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cache.run_pending_tasks().await;
+        if cache.entry_count() == 0 {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(
+        dropped,
+        "entries fetched with the old credential are invalidated"
+    );
+    assert_eq!(
+        cache.resolve(&image, None).await.expect("miss").1,
+        CacheStatus::Miss
+    );
+    shutdown.cancel();
+    drop(Arc::clone(cache.resolver()));
+}
