@@ -101,3 +101,74 @@ impl CertificateAuthority {
         })
     }
 }
+
+/// DNS names a Service-backed webhook is called by.
+pub fn service_names(service: &str, namespace: &str, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+        format!("{service}.{namespace}"),
+        service.to_string(),
+    ];
+    names.extend(extra.iter().cloned());
+    names.dedup();
+    names
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Generate(#[from] CertError),
+    #[error("{0} exists; pass --force to replace it")]
+    Exists(std::path::PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Generates a CA and a serving certificate for `names` into `dir`:
+/// `ca.crt`, `ca.key`, `tls.crt`, `tls.key` (keys readable by the owner only).
+pub fn write_bundle(
+    dir: &std::path::Path,
+    names: &[String],
+    force: bool,
+) -> Result<Vec<std::path::PathBuf>, WriteError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let files = ["ca.crt", "ca.key", "tls.crt", "tls.key"].map(|f| dir.join(f));
+    if !force && let Some(existing) = files.iter().find(|p| p.exists()) {
+        return Err(WriteError::Exists(existing.clone()));
+    }
+    let ca = CertificateAuthority::generate("fn-image-resolver webhook CA")?;
+    let serving = ca.issue(names)?;
+    std::fs::create_dir_all(dir).map_err(|source| WriteError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let contents = [
+        ca.cert_pem(),
+        ca.key_pem(),
+        serving.cert_pem,
+        serving.key_pem,
+    ];
+    for (path, content) in files.iter().zip(contents) {
+        let private = path.extension().is_some_and(|e| e == "key");
+        let io = |source| WriteError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(path)
+            .map_err(io)?;
+        file.write_all(content.as_bytes()).map_err(io)?;
+    }
+    Ok(files.to_vec())
+}

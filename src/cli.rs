@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::cache::{CacheSettings, CachedResolver};
-use crate::config::{CacheArgs, LogArgs, RegistryArgs, ServerArgs};
+use crate::config::{CacheArgs, LogArgs, RegistryArgs, ServerArgs, WebhookArgs};
 use crate::metrics::Metrics;
 use crate::registry::{Resolution, ResolveError, Resolver};
 
@@ -33,6 +33,11 @@ pub enum Command {
     /// Run the long-lived service: the resolver endpoint (sidecar mode) with
     /// the shared cache, health, readiness and metrics.
     Serve(ServeArgs),
+    /// Generate a CA and a serving certificate for <service>.<namespace>.svc.
+    ///
+    /// Writes ca.crt, ca.key, tls.crt and tls.key (keys mode 0600). Use them for
+    /// --tls-cert-file/--tls-key-file, and ca.crt as the webhook's caBundle.
+    Certs(CertsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +48,27 @@ pub struct ServeArgs {
     pub cache: CacheArgs,
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// Service name of the webhook.
+    #[arg(long, default_value = "fn-image-resolver")]
+    pub service: String,
+    /// Namespace of the webhook Service.
+    #[arg(long, default_value = "porch-system")]
+    pub namespace: String,
+    /// Extra DNS names or IP addresses for the serving certificate (repeatable).
+    #[arg(long = "san", value_name = "NAME|IP")]
+    pub extra_sans: Vec<String>,
+    /// Directory to write ca.crt, ca.key, tls.crt and tls.key into.
+    #[arg(long, value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +102,7 @@ pub fn run() -> ExitCode {
         match cli.command {
             Command::Resolve(args) => resolve(args).await,
             Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Certs(args) => certs(&args).map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
@@ -139,4 +166,13 @@ pub fn error_json(image: &str, error: &ResolveError) -> serde_json::Value {
         err["retryAfterSeconds"] = json!(after.as_secs());
     }
     json!({"image": image, "error": err})
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<()> {
+    let names = crate::certs::service_names(&args.service, &args.namespace, &args.extra_sans);
+    let written = crate::certs::write_bundle(&args.out, &names, args.force)?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }

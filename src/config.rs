@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 
+use crate::admission::FailureMode;
 use crate::cache::CacheSettings;
 use crate::registry::{Platform, ResolverSettings};
 
@@ -187,6 +188,55 @@ pub struct ServerArgs {
     #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_TIMEOUT", default_value = "20s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
+}
+
+/// The admission webhook listener of `serve`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Admission webhook")]
+pub struct WebhookArgs {
+    /// HTTPS address of the webhook (POST /mutate, /healthz, /readyz, /metrics).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_LISTEN",
+        default_value = "0.0.0.0:8443",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// Serving certificate (PEM chain). The webhook listener runs when this is
+    /// set; the file is re-read when it changes.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_TLS_CERT_FILE",
+        value_name = "FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Private key of the serving certificate (PEM).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_TLS_KEY_FILE",
+        value_name = "FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// When images cannot be resolved in time (registry down, slow, 5xx):
+    /// `open` admits the pod unchanged with a warning, `closed` denies it.
+    /// Definitive failures (not found, unauthorized) always deny.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_FAILURE_MODE",
+        value_enum,
+        default_value = "open"
+    )]
+    pub failure_mode: FailureMode,
+
+    /// Budget for one review when the API server does not send `?timeout=`.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_ADMISSION_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub admission_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,6 +4,7 @@
 //! The binary is a thin shell over this library so that the CLI, the server and
 //! the tests all run the same code.
 
+pub mod admission;
 pub mod cache;
 pub mod certs;
 pub mod cli;

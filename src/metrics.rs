@@ -61,6 +61,7 @@ pub struct Metrics {
     registry_latency: HistogramFamily<KindLabels>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
+    admission: Family<ResultLabel, Counter>,
     // Handles for the hot path: no label allocation per cache hit.
     hit: Counter,
     miss: Counter,
@@ -127,6 +128,12 @@ impl Metrics {
             "Time to answer HTTP requests by route",
             http_latency.clone(),
         );
+        let admission = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "admission_reviews",
+            "AdmissionReviews answered by result (patched, unchanged, denied, failed-open, invalid)",
+            admission.clone(),
+        );
         let handle = |result: &str| {
             lookups.get_or_create_owned(&ResultLabel {
                 result: result.to_string(),
@@ -146,6 +153,7 @@ impl Metrics {
             registry_latency,
             http_requests,
             http_latency,
+            admission,
         })
     }
 
@@ -166,6 +174,14 @@ impl Metrics {
 
     pub fn cache_revalidation(&self, result: &'static str) {
         self.revalidations
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn admission_review(&self, result: &'static str) {
+        self.admission
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })

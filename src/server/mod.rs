@@ -2,6 +2,7 @@
 //! metrics, the credential watcher, and graceful shutdown.
 
 mod api;
+pub mod tls;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,7 @@ impl Readiness {
 /// What every handler can reach.
 #[derive(Debug)]
 pub struct AppState {
+    pub admitter: crate::admission::Admitter,
     pub cache: CachedResolver,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -69,6 +71,62 @@ pub struct AppState {
 
 /// Largest request body accepted (a batch of image references).
 const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Largest AdmissionReview accepted: the API server caps objects near 1.5 MiB
+/// and a review can carry two of them.
+const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+
+/// The webhook listener's routes: `/mutate` with health, readiness and metrics.
+/// (`/v1/resolve` joins it once callers can be authenticated.)
+pub fn webhook_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", axum::routing::post(mutate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let error = |status: StatusCode, message: String| {
+        (
+            status,
+            axum::Json(json!({"error": {"kind": "bad-request", "message": message}})),
+        )
+            .into_response()
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the AdmissionReview is larger than {MAX_REVIEW_BYTES} bytes"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    // The API server tells us its budget: `?timeout=10s`.
+    let timeout = query
+        .get("timeout")
+        .and_then(|t| humantime::parse_duration(t).ok());
+    match state.admitter.review(&body, timeout).await {
+        Ok(review) => {
+            state.metrics.admission_review(review.outcome);
+            axum::Json(review).into_response()
+        }
+        Err(e) => {
+            state.metrics.admission_review("invalid");
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+    }
+}
 
 /// The resolver API with health, readiness and metrics.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -207,6 +265,30 @@ pub async fn serve_loopback(
 
 pub use watch::watch_credentials;
 
+/// Serves `app` over HTTPS (certificates from `cert`, hot-reloaded) until
+/// `shutdown`, then drains for at most `drain`.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    app: Router,
+    cert: Arc<tls::ReloadingCert>,
+    shutdown: CancellationToken,
+    drain: std::time::Duration,
+) -> Result<(), ServeError> {
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stopper.graceful_shutdown(Some(drain));
+    });
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(cert.server_config());
+    info!(addr = %addr, "webhook listening (HTTPS)");
+    axum_server::bind_rustls(addr, config)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+        .map_err(|source| ServeError::Serve { addr, source })
+}
+
 /// `serve`: builds the shared resolver and cache, starts the endpoint and
 /// the credential watcher, and shuts everything down on SIGTERM.
 pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
@@ -219,7 +301,22 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     let cache = CachedResolver::new(resolver.clone(), args.cache.settings(), metrics.clone());
     let readiness = Arc::new(Readiness::default());
     readiness.set("resolver", Ok(()));
+    let admitter = crate::admission::Admitter::new(
+        cache.clone(),
+        crate::admission::AdmissionSettings {
+            namespace: args.registry.pod_namespace.clone(),
+            pull_secret: args.registry.registry_auth_secret_name.clone(),
+            failure_mode: args.webhook.failure_mode,
+            default_timeout: args.webhook.admission_timeout,
+        },
+    );
+    let cert = match (&args.webhook.tls_cert_file, &args.webhook.tls_key_file) {
+        (Some(c), Some(k)) => Some(tls::ReloadingCert::load(c.clone(), k.clone())?),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
+    };
     let state = Arc::new(AppState {
+        admitter,
         cache: cache.clone(),
         metrics,
         readiness,
@@ -235,6 +332,25 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    if let Some(cert) = &cert {
+        tasks.spawn(cert.clone().watch(shutdown.clone()));
+        let webhook = serve_tls(
+            args.webhook.listen,
+            webhook_router(state.clone()),
+            cert.clone(),
+            shutdown.clone(),
+            args.server.shutdown_timeout,
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = webhook.await {
+                tracing::error!(error = %e, "webhook listener failed; shutting down");
+                stop.cancel();
+            }
+        });
+    } else {
+        info!("no --tls-cert-file: the admission webhook listener is off");
+    }
     let server = tokio::spawn(serve_loopback(
         args.server.resolver_listen,
         router(state),
@@ -243,6 +359,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     tokio::pin!(server);
     tokio::select! {
         () = shutdown_signal() => info!("shutting down: draining in-flight requests"),
+        () = shutdown.cancelled() => warn!("shutting down after a listener failed"),
         result = &mut server => {
             shutdown.cancel();
             return match result {
@@ -260,6 +377,11 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
             "in-flight requests did not finish in time; exiting anyway"
         ),
     }
+    // Let the webhook listener drain too (it stops on the same token).
+    let _ = tokio::time::timeout(args.server.shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     tasks.shutdown().await;
     info!("stopped");
     Ok(())

@@ -6,10 +6,11 @@ mod common;
 
 mod cache;
 mod cli;
-mod resolve_auth;
+pub mod resolve_auth;
 mod resolve_plain;
 mod resolve_tls;
 mod serve;
+mod webhook;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -123,6 +124,10 @@ impl Endpoint {
         let readiness = Arc::new(Readiness::default());
         readiness.set("resolver", Ok(()));
         let state = Arc::new(AppState {
+            admitter: fn_image_resolver::admission::Admitter::new(
+                cache.clone(),
+                admission_settings(),
+            ),
             cache: cache.clone(),
             metrics: metrics.clone(),
             readiness,
@@ -160,5 +165,14 @@ impl Endpoint {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+pub fn admission_settings() -> fn_image_resolver::admission::AdmissionSettings {
+    fn_image_resolver::admission::AdmissionSettings {
+        namespace: "porch-fn-system".into(),
+        pull_secret: "auth-secret".into(),
+        failure_mode: fn_image_resolver::admission::FailureMode::Open,
+        default_timeout: Duration::from_secs(10),
     }
 }

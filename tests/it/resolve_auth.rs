@@ -11,7 +11,7 @@ use crate::common::registry::{Auth, Registry, tls_pair};
 use crate::common::token::{ISSUER, SERVICE, TokenServer};
 use crate::{basic_auth, docker_config, resolver, settings};
 
-const PASSWORD: &str = "s3cret-PASSWORD-marker";
+pub const PASSWORD: &str = "s3cret-PASSWORD-marker";
 const REFRESH: &str = "refresh-TOKEN-marker";
 
 #[derive(Debug)]
@@ -142,15 +142,15 @@ async fn broken_docker_configs_are_clear_startup_errors_without_secrets() {
 }
 
 #[derive(Debug)]
-struct TokenEnv {
-    registry: Registry,
-    proxy: Proxy,
-    tokens: TokenServer,
-    samples: Samples,
+pub struct TokenEnv {
+    pub registry: Registry,
+    pub proxy: Proxy,
+    pub tokens: TokenServer,
+    pub samples: Samples,
 }
 
 /// A token-auth registry (plain HTTP behind the counting proxy) and its token server.
-async fn token_env() -> TokenEnv {
+pub async fn token_env() -> TokenEnv {
     crate::common::init_crypto();
     let tokens = TokenServer::start(&[("fn-user", PASSWORD)], &[(REFRESH, "fn-user")], false).await;
     let registry = Registry::start(
@@ -185,7 +185,10 @@ async fn token_env() -> TokenEnv {
 }
 
 impl TokenEnv {
-    fn settings(&self, config: &std::path::Path) -> fn_image_resolver::registry::ResolverSettings {
+    pub fn settings(
+        &self,
+        config: &std::path::Path,
+    ) -> fn_image_resolver::registry::ResolverSettings {
         let mut s = settings();
         s.private_registries = true;
         s.docker_config_path = config.to_path_buf();

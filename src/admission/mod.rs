@@ -1,0 +1,319 @@
+//! The mutating admission webhook: AdmissionReview in, JSON Patch out.
+
+pub mod mutate;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::cache::{CacheStatus, CachedResolver};
+use crate::registry::{Resolution, ResolveError};
+
+/// What to do when the registry cannot answer in time (transient failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// Admit the pod unchanged, with a warning.
+    Open,
+    /// Deny the pod.
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdmissionSettings {
+    /// Only pods created in this namespace are changed.
+    pub namespace: String,
+    /// Secret injected for images whose registry needs credentials.
+    pub pull_secret: String,
+    pub failure_mode: FailureMode,
+    /// Budget when the request carries no `?timeout=`.
+    pub default_timeout: Duration,
+}
+
+/// A request we cannot review: answered with HTTP 400.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the body is not a JSON AdmissionReview: {0}")]
+    Json(String),
+    #[error(
+        "not an admission.k8s.io/v1 AdmissionReview request (apiVersion, kind or request missing or wrong)"
+    )]
+    NotARequest,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    code: u16,
+    message: String,
+}
+
+/// The response half of an AdmissionReview. Written here rather than taken
+/// from kube-core because kube-core 5 serializes `patch` as a JSON array of
+/// numbers while the API server requires base64 (kube-rs issue 1781).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    uid: String,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+/// A complete AdmissionReview answer.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReviewResponse {
+    api_version: &'static str,
+    kind: &'static str,
+    pub response: Response,
+    /// For logs and metrics: patched, unchanged, denied, failed-open.
+    #[serde(skip)]
+    pub outcome: &'static str,
+}
+
+impl ReviewResponse {
+    fn new(response: Response, outcome: &'static str) -> Self {
+        Self {
+            api_version: "admission.k8s.io/v1",
+            kind: "AdmissionReview",
+            response,
+            outcome,
+        }
+    }
+
+    fn allow(uid: &str, warnings: Vec<String>, outcome: &'static str) -> Self {
+        Self::new(
+            Response {
+                uid: uid.to_string(),
+                allowed: true,
+                status: None,
+                patch: None,
+                patch_type: None,
+                warnings,
+            },
+            outcome,
+        )
+    }
+
+    fn deny(uid: &str, code: u16, message: String) -> Self {
+        Self::new(
+            Response {
+                uid: uid.to_string(),
+                allowed: false,
+                status: Some(Status { code, message }),
+                patch: None,
+                patch_type: None,
+                warnings: Vec::new(),
+            },
+            "denied",
+        )
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.response.allowed
+    }
+
+    /// The decoded JSON Patch, if any (tests and logs).
+    pub fn patch(&self) -> Option<Vec<u8>> {
+        self.response
+            .patch
+            .as_ref()
+            .and_then(|p| BASE64.decode(p).ok())
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.response.warnings
+    }
+
+    pub fn message(&self) -> Option<&str> {
+        self.response.status.as_ref().map(|s| s.message.as_str())
+    }
+}
+
+/// Reviews function pods with the shared resolver cache.
+#[derive(Debug, Clone)]
+pub struct Admitter {
+    cache: CachedResolver,
+    settings: AdmissionSettings,
+}
+
+impl Admitter {
+    pub fn new(cache: CachedResolver, settings: AdmissionSettings) -> Self {
+        Self { cache, settings }
+    }
+
+    /// Reviews one AdmissionReview body. `timeout` is the API server's budget
+    /// for this call (its `?timeout=` parameter).
+    pub async fn review(
+        &self,
+        body: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<ReviewResponse, ReviewError> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(|e| {
+            let mut msg = e.to_string();
+            msg.truncate(200);
+            ReviewError::Json(msg)
+        })?;
+        // kube-core checks neither apiVersion nor kind; the API server must
+        // be speaking v1 or our answer would be misread.
+        if review.types.api_version != "admission.k8s.io/v1"
+            || review.types.kind != "AdmissionReview"
+        {
+            return Err(ReviewError::NotARequest);
+        }
+        let request: AdmissionRequest<DynamicObject> =
+            review.try_into().map_err(|_| ReviewError::NotARequest)?;
+        let uid = request.uid.clone();
+        let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+        let in_scope = is_pod
+            && matches!(request.operation, Operation::Create)
+            && request.namespace.as_deref() == Some(self.settings.namespace.as_str());
+        if !in_scope {
+            debug!(uid, kind = %request.kind.kind, operation = ?request.operation, namespace = ?request.namespace, "not a function pod creation; allowed unchanged");
+            return Ok(ReviewResponse::allow(&uid, Vec::new(), "unchanged"));
+        }
+        let pod: Option<Pod> = request
+            .object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .and_then(|v| serde_json::from_value(v).ok());
+        let Some(pod) = pod else {
+            return Ok(ReviewResponse::deny(
+                &uid,
+                400,
+                "the review's object is not a valid Pod".into(),
+            ));
+        };
+        let budget = budget(timeout.unwrap_or(self.settings.default_timeout));
+        Ok(self.mutate(&uid, &pod, budget).await)
+    }
+
+    async fn mutate(&self, uid: &str, pod: &Pod, budget: Duration) -> ReviewResponse {
+        let images: BTreeSet<String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+            .filter_map(|c| c.image.clone())
+            .filter(|i| !i.is_empty())
+            .collect();
+        // Resolutions run as tasks: one that misses the deadline still
+        // finishes and fills the cache for the API server's retry.
+        let tasks: Vec<_> = images
+            .iter()
+            .map(|image| {
+                let cache = self.cache.clone();
+                let image = image.clone();
+                tokio::spawn(async move { cache.resolve(&image, None).await })
+            })
+            .collect();
+        let results = tokio::time::timeout(budget, futures_util::future::join_all(tasks)).await;
+        let Ok(results) = results else {
+            return self.transient(
+                uid,
+                format!(
+                    "image resolution did not finish within the {}ms admission budget",
+                    budget.as_millis()
+                ),
+            );
+        };
+        let mut resolved: HashMap<String, Resolution> = HashMap::new();
+        let mut warnings = Vec::new();
+        for (image, result) in images.iter().zip(results) {
+            match result {
+                Ok(Ok((resolution, status))) => {
+                    if status == CacheStatus::Stale {
+                        warnings.push(format!(
+                            "{image}: pinned from a cached answer that could not be revalidated yet"
+                        ));
+                    }
+                    resolved.insert(image.clone(), resolution);
+                }
+                Ok(Err(e)) if e.kind().is_definitive() => {
+                    return ReviewResponse::deny(uid, deny_code(&e), e.to_string());
+                }
+                Ok(Err(e)) => return self.transient(uid, e.to_string()),
+                Err(join) => {
+                    return self.transient(uid, format!("resolving {image} failed: {join}"));
+                }
+            }
+        }
+        let lookup = |image: &str| resolved.get(image).cloned();
+        let mutation = match mutate::plan(pod, &lookup, Some(&self.settings.pull_secret)) {
+            Ok(m) => m,
+            Err(e) => return ReviewResponse::deny(uid, 400, e.to_string()),
+        };
+        if mutation.operations.is_empty() {
+            return ReviewResponse::allow(uid, warnings, "unchanged");
+        }
+        let patch = match serde_json::to_vec(&mutation.operations) {
+            Ok(p) => p,
+            Err(e) => return self.transient(uid, format!("cannot serialize the patch: {e}")),
+        };
+        info!(
+            uid,
+            pod = pod
+                .metadata
+                .name
+                .as_deref()
+                .or(pod.metadata.generate_name.as_deref())
+                .unwrap_or_default(),
+            pinned = mutation.pinned.len(),
+            pull_secret_added = mutation.pull_secret_added,
+            "function pod mutated"
+        );
+        let mut response = ReviewResponse::allow(uid, warnings, "patched");
+        response.response.patch = Some(BASE64.encode(patch));
+        response.response.patch_type = Some("JSONPatch");
+        response
+    }
+
+    /// The registry could not give an answer in time: admit unchanged with a
+    /// warning, or deny, per `--failure-mode`.
+    fn transient(&self, uid: &str, reason: String) -> ReviewResponse {
+        match self.settings.failure_mode {
+            FailureMode::Open => {
+                warn!(
+                    uid,
+                    reason, "admitting the pod unchanged (failure mode open)"
+                );
+                ReviewResponse::allow(
+                    uid,
+                    vec![format!(
+                        "fn-image-resolver could not pin this pod's images and admitted it unchanged: {reason}"
+                    )],
+                    "failed-open",
+                )
+            }
+            FailureMode::Closed => {
+                ReviewResponse::deny(uid, 503, format!("cannot pin the pod's images: {reason}"))
+            }
+        }
+    }
+}
+
+fn deny_code(error: &ResolveError) -> u16 {
+    match error.kind() {
+        crate::registry::ErrorKind::InvalidReference => 400,
+        crate::registry::ErrorKind::NotFound | crate::registry::ErrorKind::PlatformNotFound => 404,
+        _ => 403,
+    }
+}
+
+/// The part of the API server's timeout we use, keeping room to send the
+/// answer back: 80%, and never less than 100 ms.
+fn budget(timeout: Duration) -> Duration {
+    (timeout * 4 / 5).max(Duration::from_millis(100))
+}

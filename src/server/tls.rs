@@ -1,0 +1,163 @@
+//! Serving certificates read from files and swapped in place when the files
+//! change (cert-manager or kubelet Secret rotation): a `ResolvesServerCert`
+//! over an `ArcSwap`, so a rotation is a pointer swap and live connections
+//! are not dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher as _};
+use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no usable PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("the key in {key} does not fit the certificate in {cert}: {reason}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// Loads a certificate chain and its key from PEM files.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CertError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert_pem = read(cert)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(CertError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
+    }
+    let key_pem = read(key)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::NoKey {
+        path: key.to_path_buf(),
+    })?;
+    let provider = aws_lc_rs::default_provider();
+    let certified =
+        CertifiedKey::from_der(chain, private, &provider).map_err(|e| CertError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(certified)
+}
+
+/// The current serving certificate; replaced whole on rotation.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ReloadingCert {
+    pub fn load(cert_path: PathBuf, key_path: PathBuf) -> Result<Arc<Self>, CertError> {
+        let certified = load_certified_key(&cert_path, &key_path)?;
+        Ok(Arc::new(Self {
+            cert_path,
+            key_path,
+            current: ArcSwap::from_pointee(certified),
+        }))
+    }
+
+    /// Re-reads the files. A half-written or broken pair keeps the old
+    /// certificate in use. Returns whether the certificate changed.
+    pub fn reload(&self) -> Result<bool, CertError> {
+        let fresh = load_certified_key(&self.cert_path, &self.key_path)?;
+        if fresh.cert == self.current.load().cert {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(fresh));
+        info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+        Ok(true)
+    }
+
+    /// A rustls server config (TLS 1.2+, h2 and HTTP/1.1) that always serves
+    /// the current certificate.
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .unwrap_or_else(|_| unreachable!("aws-lc-rs supports TLS 1.2 and 1.3"))
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// Follows the files until `shutdown`: directory events (the kubelet swaps
+    /// a `..data` symlink) plus a periodic re-read.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let mut dirs: Vec<PathBuf> = [&self.cert_path, &self.key_path]
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d
+                }
+            })
+            .collect();
+        dirs.dedup();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            for dir in &dirs {
+                w.watch(dir, RecursiveMode::NonRecursive)?;
+            }
+            Ok(w)
+        });
+        let _watcher = watcher.map_err(|e| warn!(error = %e, "cannot watch the certificate files; re-reading them every 30s")).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = rx.recv() => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ = tick.tick() => {}
+            }
+            while rx.try_recv().is_ok() {}
+            if let Err(e) = self.reload() {
+                warn!(error = %e, "keeping the current serving certificate");
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}

@@ -1,0 +1,458 @@
+//! The admission webhook over real HTTPS against the real test registry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use fn_image_resolver::admission::mutate::ORIGINAL_IMAGES_ANNOTATION;
+use fn_image_resolver::admission::{Admitter, FailureMode};
+use fn_image_resolver::cache::CacheSettings;
+use fn_image_resolver::registry::ResolverSettings;
+use fn_image_resolver::server::tls::ReloadingCert;
+use fn_image_resolver::server::{AppState, Readiness};
+use serde_json::{Value, json};
+
+use crate::common::proxy::{Fault, Kind};
+use crate::resolve_auth::{PASSWORD, token_env};
+use crate::{PlainEnv, admission_settings, basic_auth, cached, docker_config};
+
+const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
+
+fn review(registry: &str) -> Value {
+    serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", registry)).expect("fixture")
+}
+
+/// The webhook served in-process over HTTPS with a generated CA.
+struct Webhook {
+    base: String,
+    client: reqwest::Client,
+    certs: tempfile::TempDir,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"))
+        .tls_built_in_root_certs(false)
+        .build()
+        .expect("client")
+}
+
+async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webhook {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    fn_image_resolver::certs::write_bundle(certs.path(), &names, false).expect("certs");
+    let cert = ReloadingCert::load(certs.path().join("tls.crt"), certs.path().join("tls.key"))
+        .expect("load");
+    let (cache, metrics) = cached(settings, CacheSettings::default());
+    let mut admission = admission_settings();
+    admission.failure_mode = failure_mode;
+    let state = Arc::new(AppState {
+        admitter: Admitter::new(cache.clone(), admission),
+        cache,
+        metrics,
+        readiness: Arc::new(Readiness::default()),
+        max_batch: 10,
+    });
+    let port = crate::common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(cert.clone().watch(shutdown.clone()));
+    tokio::spawn(fn_image_resolver::server::serve_tls(
+        addr,
+        fn_image_resolver::server::webhook_router(state),
+        cert,
+        shutdown.clone(),
+        Duration::from_secs(5),
+    ));
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
+    Webhook {
+        base: format!("https://127.0.0.1:{port}"),
+        client: client_trusting(&ca),
+        certs,
+        shutdown,
+    }
+}
+
+impl Webhook {
+    async fn post(&self, body: &Value, query: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}/mutate{query}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Applies the response's patch to the review's object.
+fn patched(review: &Value, answer: &Value) -> Value {
+    let mut pod = review["request"]["object"].clone();
+    if let Some(p) = answer["response"]["patch"].as_str() {
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .expect("patch is base64");
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("JSON patch");
+        json_patch::patch(&mut pod, &patch).expect("patch applies");
+    }
+    pod
+}
+
+#[tokio::test]
+async fn a_porch_function_pod_is_pinned_filled_and_the_second_pass_is_a_no_op() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let review = review(&env.proxy.host);
+    let (status, answer) = hook.post(&review, "?timeout=10s").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(answer["response"]["allowed"], true);
+    let pod = patched(&review, &answer);
+    let function = &pod["spec"]["containers"][0];
+    assert_eq!(
+        function["image"],
+        format!(
+            "{}/fns/set-namespace:v0.4@{}",
+            env.proxy.host, env.samples.entrypoint.digest
+        )
+    );
+    assert_eq!(
+        function["args"],
+        json!([
+            "--port",
+            "9446",
+            "--max-request-body-size",
+            "6291456",
+            "--",
+            "/usr/local/bin/function"
+        ])
+    );
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(
+        init["image"],
+        format!(
+            "{}/fns/cmd-only:v1@{}",
+            env.proxy.host, env.samples.cmd_only.digest
+        )
+    );
+    assert_eq!(
+        init["command"],
+        json!(["cp", "-a", "/wrapper-server/.", "/wrapper-server-tools"])
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["fn.kpt.dev/template-hash"],
+        "0123456789"
+    );
+    assert!(pod["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
+    assert!(
+        pod["spec"].get("imagePullSecrets").is_none(),
+        "anonymous registry: no secret"
+    );
+
+    // Reinvocation on our own output changes nothing.
+    let mut again = review.clone();
+    again["request"]["object"] = pod;
+    let (_, answer) = hook.post(&again, "").await;
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn other_namespaces_updates_and_non_pods_are_allowed_unchanged() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let base = review(&env.proxy.host);
+    let mut other_ns = base.clone();
+    other_ns["request"]["namespace"] = json!("default");
+    let mut update = base.clone();
+    update["request"]["operation"] = json!("UPDATE");
+    let mut configmap = base.clone();
+    configmap["request"]["kind"] = json!({"group": "", "version": "v1", "kind": "ConfigMap"});
+    configmap["request"]["object"] =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}});
+    for (name, review) in [
+        ("other namespace", other_ns),
+        ("update", update),
+        ("configmap", configmap),
+    ] {
+        let (status, answer) = hook.post(&review, "").await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(answer["response"]["uid"], base["request"]["uid"], "{name}");
+        assert_eq!(answer["response"]["allowed"], true, "{name}");
+        assert!(
+            answer["response"].get("patch").is_none(),
+            "{name}: {answer}"
+        );
+    }
+    assert_eq!(env.proxy.total(), 0, "nothing was resolved");
+}
+
+#[tokio::test]
+async fn multi_container_multi_arch_pinned_and_existing_secret() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let host = &env.proxy.host;
+    let pinned = format!("{host}/fns/set-namespace@{}", env.samples.entrypoint.digest);
+    let mut review = review(host);
+    review["request"]["object"]["spec"]["containers"] = json!([
+        {"name": "a", "image": format!("{host}/fns/multi-arch:v1"), "args": ["--"]},
+        {"name": "b", "image": pinned, "args": ["--"]},
+        {"name": "c", "image": format!("{host}/fns/cmd-only:v1")}
+    ]);
+    review["request"]["object"]["spec"]["imagePullSecrets"] = json!([{"name": "auth-secret"}]);
+    let (_, answer) = hook.post(&review, "").await;
+    let pod = patched(&review, &answer);
+    let c = &pod["spec"]["containers"];
+    assert_eq!(
+        c[0]["image"],
+        format!("{host}/fns/multi-arch:v1@{}", env.samples.multi.digest)
+    );
+    assert_eq!(c[0]["args"], json!(["--", "/fn-amd64"]));
+    assert_eq!(
+        c[1]["image"],
+        pinned.as_str(),
+        "already pinned: kept as written"
+    );
+    assert_eq!(c[1]["args"], json!(["--", "/usr/local/bin/function"]));
+    assert!(
+        c[2].get("command").is_none(),
+        "Cmd-only image without command runs as is"
+    );
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "auth-secret"}])
+    );
+}
+
+#[tokio::test]
+async fn images_from_an_authenticated_registry_get_the_pull_secret() {
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let (_d, cfg) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let hook = webhook(&env.settings(&cfg), FailureMode::Open).await;
+    let review = review(&host);
+    let (_, answer) = hook.post(&review, "").await;
+    let pod = patched(&review, &answer);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "auth-secret"}])
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"],
+        format!(
+            "{host}/fns/set-namespace:v0.4@{}",
+            env.samples.entrypoint.digest
+        )
+    );
+    assert!(!answer.to_string().contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn definitive_errors_deny_with_the_reason() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let mut missing = review(&env.proxy.host);
+    missing["request"]["object"]["spec"]["containers"][0]["image"] =
+        json!(format!("{}/fns/nope:v1", env.proxy.host));
+    let (status, answer) = hook.post(&missing, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 404);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fns/nope:v1") && m.contains("not found")),
+        "{answer}"
+    );
+
+    let mut empty = review(&env.proxy.host);
+    empty["request"]["object"]["spec"]["containers"][0]["image"] =
+        json!(format!("{}/fns/no-entrypoint:v1", env.proxy.host));
+    let (_, answer) = hook.post(&empty, "").await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("neither Entrypoint nor Cmd")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_registry_slower_than_the_budget_fails_open_or_closed_as_configured() {
+    let env = PlainEnv::start().await;
+    env.proxy.set_fault(
+        Fault::Delay(Duration::from_millis(1500)),
+        Some(Kind::Manifest),
+    );
+    let review = review(&env.proxy.host);
+
+    let open = webhook(&env.settings(), FailureMode::Open).await;
+    let started = std::time::Instant::now();
+    let (status, answer) = open.post(&review, "?timeout=1s").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered within the API server's budget"
+    );
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none());
+    assert!(
+        answer["response"]["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("admitted it unchanged")),
+        "{answer}"
+    );
+
+    let closed = webhook(&env.settings(), FailureMode::Closed).await;
+    let (_, answer) = closed.post(&review, "?timeout=1s").await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 503);
+
+    // The fetch that missed the deadline finished in the background: the
+    // API server's retry is answered from the cache.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, answer) = open.post(&review, "?timeout=1s").await;
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
+
+#[tokio::test]
+async fn bad_reviews_are_400_and_oversized_ones_413() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let url = format!("{}/mutate", hook.base);
+    let mut wrong_version = review(&env.proxy.host);
+    wrong_version["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let mut no_request = review(&env.proxy.host);
+    no_request
+        .as_object_mut()
+        .expect("object")
+        .remove("request");
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"{not json".to_vec(), 400),
+        (b"[]".to_vec(), 400),
+        (serde_json::to_vec(&wrong_version).expect("json"), 400),
+        (serde_json::to_vec(&no_request).expect("json"), 400),
+        (vec![b' '; 5 * 1024 * 1024], 413),
+    ];
+    for (body, want) in cases {
+        let resp = hook
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), want);
+        let body: Value = resp.json().await.expect("JSON error");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+    let (status, _) = hook.post(&review(&env.proxy.host), "").await;
+    assert_eq!(status, 200, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_are_served_without_a_failed_request() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let old_ca = std::fs::read_to_string(hook.certs.path().join("ca.crt")).expect("ca");
+    let next = tempfile::tempdir().expect("tempdir");
+    fn_image_resolver::certs::write_bundle(next.path(), &["127.0.0.1".to_string()], false)
+        .expect("certs");
+    let new_ca = std::fs::read_to_string(next.path().join("ca.crt")).expect("ca");
+
+    // A client that trusts both CAs keeps connecting (new connection each
+    // time) through the rotation; none of its requests may fail.
+    let both = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(old_ca.as_bytes()).expect("ca"))
+        .add_root_certificate(reqwest::Certificate::from_pem(new_ca.as_bytes()).expect("ca"))
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = tokio_util::sync::CancellationToken::new();
+    let hammer = {
+        let (failures, done, url) = (
+            failures.clone(),
+            done.clone(),
+            format!("{}/healthz", hook.base),
+        );
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !done.is_cancelled() && n < 5000 {
+                if !both
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Rotate like a Secret update: write aside, then rename over.
+    for name in ["tls.key", "tls.crt"] {
+        let tmp = hook.certs.path().join(format!(".{name}.tmp"));
+        std::fs::copy(next.path().join(name), &tmp).expect("copy");
+        std::fs::rename(&tmp, hook.certs.path().join(name)).expect("rename");
+    }
+    let new_only = client_trusting(&new_ca);
+    let mut rotated = false;
+    for _ in 0..200 {
+        if new_only
+            .get(format!("{}/healthz", hook.base))
+            .send()
+            .await
+            .is_ok()
+        {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    done.cancel();
+    let requests = hammer.await.expect("hammer");
+    assert!(rotated, "the new certificate is served");
+    assert!(requests > 10, "{requests} requests during the rotation");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no request failed during rotation"
+    );
+    let old_only = client_trusting(&old_ca);
+    assert!(
+        old_only
+            .get(format!("{}/healthz", hook.base))
+            .send()
+            .await
+            .is_err(),
+        "the old certificate is gone"
+    );
+}
