@@ -33,6 +33,12 @@ async fn main() {
         println!("  {host}/{image}  {digest}");
     }
     println!("ready");
-    let _ = tokio::signal::ctrl_c().await;
+    // Stop on Ctrl-C or SIGTERM alike, so the registry process is never orphaned.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     drop(registry);
 }

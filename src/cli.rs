@@ -32,12 +32,32 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Run the long-lived service: the resolver endpoint (sidecar mode) with
     /// the shared cache, health, readiness and metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate a CA and a serving certificate for <service>.<namespace>.svc.
     ///
     /// Writes ca.crt, ca.key, tls.crt and tls.key (keys mode 0600). Use them for
     /// --tls-cert-file/--tls-key-file, and ca.crt as the webhook's caBundle.
     Certs(CertsArgs),
+    /// Create or update the MutatingWebhookConfiguration (server-side apply).
+    ///
+    /// Uses in-cluster credentials or $KUBECONFIG. With --print, only prints it.
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub registration: crate::registration::RegistrationArgs,
+    /// Namespace of the function pods the webhook mutates.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
+        default_value = "porch-fn-system"
+    )]
+    pub pod_namespace: String,
+    /// Print the object as JSON (valid YAML for kubectl) instead of applying it.
+    #[arg(long)]
+    pub print: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +70,14 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub webhook: WebhookArgs,
+    /// Create or update the MutatingWebhookConfiguration at startup (and keep
+    /// retrying until it succeeds); needs Kubernetes credentials.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_REGISTER_WEBHOOK", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true,
+          value_name = "BOOL", help_heading = "Webhook registration")]
+    pub register_webhook: bool,
+    #[command(flatten)]
+    pub registration: crate::registration::RegistrationArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,8 +129,9 @@ pub fn run() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Resolve(args) => resolve(args).await,
-            Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve(args) => crate::server::run(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(args) => certs(&args).map(|()| ExitCode::SUCCESS),
+            Command::Register(args) => register(&args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
@@ -174,5 +203,22 @@ fn certs(args: &CertsArgs) -> anyhow::Result<()> {
     for path in written {
         println!("{}", path.display());
     }
+    Ok(())
+}
+
+async fn register(args: &RegisterArgs) -> anyhow::Result<()> {
+    let config = crate::registration::build(&args.registration, &args.pod_namespace)?;
+    if args.print {
+        println!("{}", serde_json::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}")
+    })?;
+    crate::registration::apply(client, &config).await?;
+    eprintln!(
+        "applied MutatingWebhookConfiguration {}",
+        args.registration.webhook_name
+    );
     Ok(())
 }

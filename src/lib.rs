@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod registration;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

@@ -351,6 +351,17 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     } else {
         info!("no --tls-cert-file: the admission webhook listener is off");
     }
+    if args.register_webhook {
+        let config = crate::registration::build(&args.registration, &args.registry.pod_namespace)?;
+        state
+            .readiness
+            .set("webhook-registration", Err("not registered yet".into()));
+        tasks.spawn(register_until_done(
+            config,
+            state.readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
     let server = tokio::spawn(serve_loopback(
         args.server.resolver_listen,
         router(state),
@@ -385,4 +396,43 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     tasks.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// Applies the webhook configuration, retrying with backoff (the API server
+/// may not be reachable yet); readiness reports it until it succeeds.
+async fn register_until_done(
+    config: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        let result = match kube::Client::try_default().await {
+            Ok(client) => crate::registration::apply(client, &config)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!(
+                "no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}"
+            )),
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    name = config.metadata.name.as_deref().unwrap_or_default(),
+                    "webhook registered"
+                );
+                readiness.set("webhook-registration", Ok(()));
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "webhook registration failed");
+                readiness.set("webhook-registration", Err(e));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
 }

@@ -6,6 +6,7 @@ mod common;
 
 mod cache;
 mod cli;
+mod e2e;
 pub mod resolve_auth;
 mod resolve_plain;
 mod resolve_tls;

@@ -1,0 +1,227 @@
+//! A real control plane for the end-to-end tests: etcd and kube-apiserver,
+//! built from the pinned Go modules in tests/k8s (tests/k8s/build.sh, cached
+//! outside the repo), started on loopback ports with a temp dir, and stopped
+//! on drop, also when a test panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "fnir-admin-token";
+pub const USER_TOKEN: &str = "fnir-unprivileged-token";
+pub const USER_NAME: &str = "unprivileged";
+
+/// Where the binaries are: $FNIR_K8S_BIN_DIR, else whatever build.sh builds
+/// or finds in its cache (the first run on a machine takes minutes).
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Ok(dir) = std::env::var("FNIR_K8S_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/k8s/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/k8s/build.sh (needs Go)");
+        assert!(out.status.success(), "tests/k8s/build.sh failed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("build.sh prints the binary dir")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// A running etcd + kube-apiserver.
+#[derive(Debug)]
+pub struct ControlPlane {
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    etcd_port: u16,
+    /// PEM of the API server's self-signed serving certificate.
+    pub ca_pem: String,
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
+    let file = std::fs::File::create(log).expect("log file");
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log fd"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl ControlPlane {
+    pub fn start() -> Self {
+        let bins = bin_dir();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let etcd_port = super::free_port();
+        let peer_port = super::free_port();
+        let etcd = spawn(
+            &bins.join("etcd"),
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+                "--name=default".into(),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            &d.join("etcd.log"),
+        );
+        // Service-account signing key (ECDSA P-256) and the static tokens.
+        let sa = rcgen::KeyPair::generate().expect("sa key");
+        std::fs::write(d.join("sa.key"), sa.serialize_pem()).expect("sa.key");
+        std::fs::write(d.join("sa.pub"), sa.public_key_pem()).expect("sa.pub");
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,1,\"system:masters\"\n{USER_TOKEN},{USER_NAME},2\n"),
+        )
+        .expect("tokens");
+        let mut plane = Self {
+            etcd: Some(etcd),
+            apiserver: None,
+            port: super::free_port(),
+            etcd_port,
+            ca_pem: String::new(),
+            dir,
+        };
+        plane.start_apiserver();
+        plane
+    }
+
+    fn start_apiserver(&mut self) {
+        let d = self.dir.path();
+        let apiserver = spawn(
+            &bin_dir().join("kube-apiserver"),
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+                format!("--cert-dir={}", d.join("certs").display()),
+                format!("--secure-port={}", self.port),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", d.join("sa.pub").display()),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    d.join("sa.key").display()
+                ),
+                "--authorization-mode=RBAC".into(),
+                format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--enable-priority-and-fairness=false".into(),
+                "--v=0".into(),
+            ],
+            &d.join("apiserver.log"),
+        );
+        self.apiserver = Some(apiserver);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let cert_path = self.dir.path().join("certs/apiserver.crt");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Some(c) = self.apiserver.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("kube-apiserver exited with {status}:\n{}", self.log_tail());
+            }
+            if let Ok(pem) = std::fs::read_to_string(&cert_path) {
+                self.ca_pem = pem;
+                let ok = Command::new("curl")
+                    .args(["-sf", "--max-time", "2", "--cacert"])
+                    .arg(&cert_path)
+                    .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+                    .arg(format!("https://127.0.0.1:{}/readyz", self.port))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("kube-apiserver not ready within 90s:\n{}", self.log_tail());
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Stops and starts the API server (etcd keeps the data).
+    pub fn restart_apiserver(&mut self) {
+        kill(&mut self.apiserver);
+        self.start_apiserver();
+    }
+
+    pub fn stop_apiserver(&mut self) {
+        kill(&mut self.apiserver);
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Writes a kubeconfig for `token` and returns its path.
+    pub fn kubeconfig(&self, token: &str, name: &str) -> PathBuf {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: test\n",
+            self.url()
+        );
+        std::fs::write(&path, yaml).expect("kubeconfig");
+        path
+    }
+
+    /// A client for `token`.
+    pub async fn client_for(&self, token: &str, name: &str) -> kube::Client {
+        let path = self.kubeconfig(token, name);
+        let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("kube config");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    pub async fn admin(&self) -> kube::Client {
+        self.client_for(ADMIN_TOKEN, "admin").await
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        kill(&mut self.apiserver);
+        kill(&mut self.etcd);
+    }
+}

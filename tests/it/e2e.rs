@@ -1,0 +1,249 @@
+//! End to end through a real kube-apiserver: `serve` registers its webhook,
+//! the API server calls it for function pods, the stored pods are pinned.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::common::k8s::{ADMIN_TOKEN, ControlPlane};
+use crate::common::proxy::Fault;
+use crate::resolve_auth::{PASSWORD, token_env};
+use crate::{basic_auth, docker_config};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
+const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
+
+fn function_pod(registry: &str) -> Pod {
+    let review: Value =
+        serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", registry)).expect("fixture");
+    let mut pod: Pod = serde_json::from_value(review["request"]["object"].clone()).expect("pod");
+    pod.metadata.namespace = None;
+    pod
+}
+
+async fn namespace(client: &kube::Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+struct Serve(tokio::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn wait_ready(url: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        if let Ok(resp) = reqwest::get(url).await {
+            let ok = resp.status().is_success();
+            last = resp.json().await.unwrap_or(Value::Null);
+            if ok {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not ready: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_stores_function_pods_pinned_through_the_registered_webhook() {
+    let plane = ControlPlane::start();
+    let admin = plane.admin().await;
+    namespace(&admin, "porch-fn-system").await;
+    namespace(&admin, "other").await;
+
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let (_cfg_dir, cfg) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let certs = tempfile::tempdir().expect("tempdir");
+    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
+        .expect("certs");
+    let port = crate::common::free_port();
+    let resolver_port = crate::common::free_port();
+    let kubeconfig = plane.kubeconfig(ADMIN_TOKEN, "admin");
+    let insecure = format!("{host},127.0.0.1:{}", env.tokens.port);
+    let serve = |failure_policy: &str| {
+        tokio::process::Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--resolver-listen", &format!("127.0.0.1:{resolver_port}")])
+            .arg(format!(
+                "--tls-cert-file={}",
+                certs.path().join("tls.crt").display()
+            ))
+            .arg(format!(
+                "--tls-key-file={}",
+                certs.path().join("tls.key").display()
+            ))
+            .arg("--register-webhook")
+            .args(["--webhook-url", &format!("https://127.0.0.1:{port}/mutate")])
+            .arg(format!(
+                "--ca-bundle-file={}",
+                certs.path().join("ca.crt").display()
+            ))
+            .args(["--failure-policy", failure_policy])
+            .arg("--enable-private-registries=true")
+            .arg(format!("--registry-auth-secret-path={}", cfg.display()))
+            .env("FN_IMAGE_RESOLVER_INSECURE_REGISTRY", &insecure)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start serve")
+    };
+    let running = Serve(serve("fail"));
+    let ready = wait_ready(&format!("http://127.0.0.1:{resolver_port}/readyz")).await;
+    assert_eq!(
+        ready["checks"]["webhook-registration"]["ready"], true,
+        "{ready}"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "porch-fn-system");
+    let created = pods
+        .create(&PostParams::default(), &function_pod(&host))
+        .await
+        .expect("create pod");
+    let name = created.metadata.name.clone().expect("generated name");
+    let stored = pods.get(&name).await.expect("get pod");
+    let spec = stored.spec.as_ref().expect("spec");
+    let function = &spec.containers[0];
+    assert_eq!(
+        function.image.as_deref(),
+        Some(
+            format!(
+                "{host}/fns/set-namespace:v0.4@{}",
+                env.samples.entrypoint.digest
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        function
+            .args
+            .as_deref()
+            .and_then(|a| a.last())
+            .map(String::as_str),
+        Some("/usr/local/bin/function"),
+        "entrypoint filled after --"
+    );
+    let init = &spec.init_containers.as_ref().expect("init")[0];
+    assert!(
+        init.image
+            .as_deref()
+            .is_some_and(|i| i.contains("@sha256:"))
+    );
+    assert_eq!(
+        spec.image_pull_secrets
+            .as_ref()
+            .map(|s| s.iter().map(|r| r.name.clone()).collect::<Vec<_>>()),
+        Some(vec!["auth-secret".to_string()])
+    );
+    assert!(stored.metadata.annotations.as_ref().is_some_and(|a| {
+        a.contains_key(fn_image_resolver::admission::mutate::ORIGINAL_IMAGES_ANNOTATION)
+    }));
+
+    // Other namespaces are not sent to the webhook at all.
+    let other: Api<Pod> = Api::namespaced(admin.clone(), "other");
+    let untouched = other
+        .create(&PostParams::default(), &function_pod(&host))
+        .await
+        .expect("create");
+    assert_eq!(
+        untouched
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers[0].image.clone()),
+        Some(format!("{host}/fns/set-namespace:v0.4"))
+    );
+
+    // UPDATEs are not sent either: a label change leaves the pod as it is.
+    let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    let updated = pods
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("update");
+    assert_eq!(updated.spec, stored.spec);
+
+    // Registry failing: cached answers still pin new pods.
+    env.proxy.set_fault(
+        Fault::Status {
+            code: 500,
+            retry_after: None,
+        },
+        None,
+    );
+    let again = pods
+        .create(&PostParams::default(), &function_pod(&host))
+        .await
+        .expect("create with registry down");
+    assert_eq!(
+        again
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers[0].image.clone()),
+        function.image.clone()
+    );
+    env.proxy.set_fault(Fault::None, None);
+
+    // Webhook down with failurePolicy Fail: creation is refused.
+    drop(running);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = pods
+        .create(&PostParams::default(), &function_pod(&host))
+        .await
+        .expect_err("webhook down");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("failed calling webhook") && msg.contains("fn-image-resolver.porch.kpt.dev"),
+        "{msg}"
+    );
+
+    // With Ignore the pod is stored unchanged.
+    let status = tokio::process::Command::new(BIN)
+        .args([
+            "register",
+            "--failure-policy",
+            "ignore",
+            "--webhook-url",
+            &format!("https://127.0.0.1:{port}/mutate"),
+        ])
+        .arg(format!(
+            "--ca-bundle-file={}",
+            certs.path().join("ca.crt").display()
+        ))
+        .env("KUBECONFIG", &kubeconfig)
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .expect("register");
+    assert!(status.success());
+    let ignored = pods
+        .create(&PostParams::default(), &function_pod(&host))
+        .await
+        .expect("created unchanged");
+    assert_eq!(
+        ignored
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers[0].image.clone()),
+        Some(format!("{host}/fns/set-namespace:v0.4"))
+    );
+}
