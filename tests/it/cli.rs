@@ -130,3 +130,73 @@ fn a_broken_docker_config_is_a_clear_error_without_the_secret() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_static_webhook_manifest_is_what_register_builds() {
+    let out = Command::new(BIN)
+        .args(["register", "--print"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/webhook-config/mutatingwebhookconfiguration.yaml"
+    );
+    let stat: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");
+    assert_eq!(stat, built);
+}
+
+#[test]
+fn certs_writes_a_ca_and_a_serving_certificate_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let run = |force: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "certs",
+            "--service",
+            "fnir",
+            "--namespace",
+            "porch-system",
+            "--san",
+            "127.0.0.1",
+            "--out",
+        ])
+        .arg(&out);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().expect("run")
+    };
+    let first = run(false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    for (file, mode) in [
+        ("ca.crt", 0o644),
+        ("ca.key", 0o600),
+        ("tls.crt", 0o644),
+        ("tls.key", 0o600),
+    ] {
+        let meta = std::fs::metadata(out.join(file)).expect(file);
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    let again = run(false);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert!(run(true).status.success());
+    let cert = fn_image_resolver::server::tls::load_certified_key(
+        &out.join("tls.crt"),
+        &out.join("tls.key"),
+    );
+    assert!(cert.is_ok(), "the pair loads as a serving certificate");
+}
