@@ -145,7 +145,7 @@ fn the_static_webhook_manifest_is_what_register_builds() {
     let built: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/webhook-config/mutatingwebhookconfiguration.yaml"
+        "/webhook-config/base/mutatingwebhookconfiguration.yaml"
     );
     let stat: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");

@@ -247,3 +247,128 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
         Some(format!("{host}/fns/set-namespace:v0.4"))
     );
 }
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("kubectl")
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()
+        .expect("kubectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
+    let plane = ControlPlane::start();
+    let admin_client = plane.admin().await;
+    namespace(&admin_client, "porch-system").await;
+    namespace(&admin_client, "porch-fn-system").await;
+    let admin = plane.kubeconfig(ADMIN_TOKEN, "admin");
+    let root = env!("CARGO_MANIFEST_DIR");
+    for dir in ["deploy", "webhook-config"] {
+        let (ok, out) = kubectl(
+            &admin,
+            &["apply", "--dry-run=server", "-k", &format!("{root}/{dir}")],
+        );
+        assert!(ok, "{dir}: {out}");
+    }
+    let (ok, out) = kubectl(&admin, &["apply", "-k", &format!("{root}/deploy")]);
+    assert!(ok, "{out}");
+
+    let sa = "system:serviceaccount:porch-system:fn-image-resolver";
+    let can = |args: &[&str]| {
+        let mut full = vec![
+            "auth",
+            "can-i",
+            "--as",
+            sa,
+            "--as-group",
+            "system:serviceaccounts",
+        ];
+        full.extend_from_slice(args);
+        kubectl(&admin, &full)
+            .1
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    for (args, want) in [
+        (
+            vec!["patch", "mutatingwebhookconfigurations/fn-image-resolver"],
+            "yes",
+        ),
+        (
+            vec!["get", "mutatingwebhookconfigurations/fn-image-resolver"],
+            "yes",
+        ),
+        (vec!["create", "mutatingwebhookconfigurations"], "yes"),
+        (
+            vec!["patch", "mutatingwebhookconfigurations/someone-else"],
+            "no",
+        ),
+        (
+            vec!["delete", "mutatingwebhookconfigurations/fn-image-resolver"],
+            "no",
+        ),
+        (
+            vec!["get", "secrets/auth-secret", "-n", "porch-fn-system"],
+            "yes",
+        ),
+        (
+            vec!["patch", "secrets/auth-secret", "-n", "porch-fn-system"],
+            "yes",
+        ),
+        (vec!["create", "secrets", "-n", "porch-fn-system"], "yes"),
+        (vec!["get", "secrets/other", "-n", "porch-fn-system"], "no"),
+        (
+            vec!["get", "secrets/auth-secret", "-n", "porch-system"],
+            "no",
+        ),
+        (vec!["create", "pods", "-n", "porch-fn-system"], "no"),
+        (vec!["list", "secrets", "-n", "porch-fn-system"], "no"),
+    ] {
+        assert_eq!(can(&args), want, "can-i {args:?}");
+    }
+
+    // Registration with exactly that identity succeeds, twice (create, then update).
+    let mut sa_config = std::fs::read_to_string(&admin).expect("kubeconfig");
+    sa_config = sa_config.replace(
+        &format!("    token: {ADMIN_TOKEN}\n"),
+        &format!(
+            "    token: {ADMIN_TOKEN}\n    as: {sa}\n    as-groups: [\"system:serviceaccounts\"]\n"
+        ),
+    );
+    let sa_kubeconfig = plane.dir.path().join("kubeconfig-sa");
+    std::fs::write(&sa_kubeconfig, sa_config).expect("write");
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(BIN)
+            .args(["register"])
+            .env("KUBECONFIG", &sa_kubeconfig)
+            .output()
+            .await
+            .expect("register");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            "fn-image-resolver",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.service.name}",
+        ],
+    );
+    assert!(ok && out == "fn-image-resolver", "{out}");
+}
