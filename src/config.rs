@@ -233,6 +233,19 @@ pub struct WebhookArgs {
     )]
     pub failure_mode: FailureMode,
 
+    /// Keep the pull secret mirrored into --pod-namespace (when private
+    /// registries are enabled). Off for clusters where the secret is managed
+    /// elsewhere: then it is injected without checking that it exists.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_MIRROR_SECRET", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true,
+          value_name = "BOOL")]
+    pub mirror_secret: bool,
+
+    /// How often the mirror re-checks the pull secret even without events.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_SECRET_RESYNC_INTERVAL", default_value = "5m",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub secret_resync_interval: Duration,
+
     /// Budget for one review when the API server does not send `?timeout=`.
     #[arg(long, env = "FN_IMAGE_RESOLVER_ADMISSION_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]

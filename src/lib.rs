@@ -12,5 +12,6 @@ pub mod config;
 pub mod metrics;
 pub mod registration;
 pub mod registry;
+pub mod secrets;
 pub mod server;
 pub mod telemetry;

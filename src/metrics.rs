@@ -62,6 +62,9 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
     admission: Family<ResultLabel, Counter>,
+    secret_syncs: Family<ResultLabel, Counter>,
+    secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    secret_propagation: Histogram,
     // Handles for the hot path: no label allocation per cache hit.
     hit: Counter,
     miss: Counter,
@@ -134,6 +137,24 @@ impl Metrics {
             "AdmissionReviews answered by result (patched, unchanged, denied, failed-open, invalid)",
             admission.clone(),
         );
+        let secret_syncs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "secret_syncs",
+            "Pull-secret mirror syncs by result (created, updated, unchanged, error, invalid-source)",
+            secret_syncs.clone(),
+        );
+        let secret_last_success = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "secret_last_success_timestamp_seconds",
+            "Unix time of the last successful pull-secret sync",
+            secret_last_success.clone(),
+        );
+        let secret_propagation = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "secret_propagation_seconds",
+            "Time from a Docker config change on disk to the pull secret updated",
+            secret_propagation.clone(),
+        );
         let handle = |result: &str| {
             lookups.get_or_create_owned(&ResultLabel {
                 result: result.to_string(),
@@ -154,6 +175,9 @@ impl Metrics {
             http_requests,
             http_latency,
             admission,
+            secret_syncs,
+            secret_last_success,
+            secret_propagation,
         })
     }
 
@@ -178,6 +202,26 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn secret_sync(&self, result: &'static str) {
+        self.secret_syncs
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn secret_synced_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.secret_last_success.set(now);
+    }
+
+    pub fn secret_propagation(&self, elapsed: Duration) {
+        self.secret_propagation.observe(elapsed.as_secs_f64());
     }
 
     pub fn admission_review(&self, result: &'static str) {

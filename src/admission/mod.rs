@@ -3,6 +3,7 @@
 pub mod mutate;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{CacheStatus, CachedResolver};
 use crate::registry::{Resolution, ResolveError};
+use crate::secrets::MirrorStatus;
 
 /// What to do when the registry cannot answer in time (transient failures).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -148,11 +150,23 @@ impl ReviewResponse {
 pub struct Admitter {
     cache: CachedResolver,
     settings: AdmissionSettings,
+    /// The pull-secret mirror, when this process keeps the secret in place:
+    /// the secret is only injected once it exists.
+    mirror: Option<Arc<MirrorStatus>>,
 }
 
 impl Admitter {
     pub fn new(cache: CachedResolver, settings: AdmissionSettings) -> Self {
-        Self { cache, settings }
+        Self {
+            cache,
+            settings,
+            mirror: None,
+        }
+    }
+
+    pub fn with_mirror(mut self, mirror: Arc<MirrorStatus>) -> Self {
+        self.mirror = Some(mirror);
+        self
     }
 
     /// Reviews one AdmissionReview body. `timeout` is the API server's budget
@@ -249,6 +263,24 @@ impl Admitter {
                     return self.transient(uid, format!("resolving {image} failed: {join}"));
                 }
             }
+        }
+        // Seed: "pod creation fails if secret required but unavailable".
+        if let Some(mirror) = &self.mirror
+            && !mirror.is_synced()
+            && resolved.values().any(|r| r.pull_secret.is_some())
+        {
+            return ReviewResponse::deny(
+                uid,
+                503,
+                format!(
+                    "the pod needs pull secret {:?}, which is not in namespace {} yet: {}",
+                    self.settings.pull_secret,
+                    self.settings.namespace,
+                    mirror
+                        .last_error()
+                        .unwrap_or_else(|| "the secret mirror has not synced yet".into())
+                ),
+            );
         }
         let lookup = |image: &str| resolved.get(image).cloned();
         let mutation = match mutate::plan(pod, &lookup, Some(&self.settings.pull_secret)) {

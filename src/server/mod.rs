@@ -301,7 +301,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     let cache = CachedResolver::new(resolver.clone(), args.cache.settings(), metrics.clone());
     let readiness = Arc::new(Readiness::default());
     readiness.set("resolver", Ok(()));
-    let admitter = crate::admission::Admitter::new(
+    let mut admitter = crate::admission::Admitter::new(
         cache.clone(),
         crate::admission::AdmissionSettings {
             namespace: args.registry.pod_namespace.clone(),
@@ -310,6 +310,11 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
             default_timeout: args.webhook.admission_timeout,
         },
     );
+    let mirror = (settings.private_registries && args.webhook.mirror_secret).then(|| {
+        let status = Arc::new(crate::secrets::MirrorStatus::default());
+        admitter = admitter.clone().with_mirror(status.clone());
+        status
+    });
     let cert = match (&args.webhook.tls_cert_file, &args.webhook.tls_key_file) {
         (Some(c), Some(k)) => Some(tls::ReloadingCert::load(c.clone(), k.clone())?),
         (None, None) => None,
@@ -350,6 +355,24 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
         });
     } else {
         info!("no --tls-cert-file: the admission webhook listener is off");
+    }
+    if let Some(status) = mirror {
+        state
+            .readiness
+            .set("pull-secret", Err("not synced yet".into()));
+        let mirror_settings = crate::secrets::MirrorSettings {
+            source: settings.docker_config_path.clone(),
+            name: args.registry.registry_auth_secret_name.clone(),
+            namespace: args.registry.pod_namespace.clone(),
+            resync: args.webhook.secret_resync_interval,
+        };
+        tasks.spawn(mirror_with_client(
+            mirror_settings,
+            status,
+            state.metrics.clone(),
+            state.readiness.clone(),
+            shutdown.clone(),
+        ));
     }
     if args.register_webhook {
         let config = crate::registration::build(&args.registration, &args.registry.pod_namespace)?;
@@ -435,4 +458,30 @@ async fn register_until_done(
         }
         delay = (delay * 2).min(std::time::Duration::from_secs(30));
     }
+}
+
+/// Runs the secret mirror once a Kubernetes client can be built (retrying
+/// until then, with the reason in /readyz).
+async fn mirror_with_client(
+    settings: crate::secrets::MirrorSettings,
+    status: Arc<crate::secrets::MirrorStatus>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let client = loop {
+        match kube::Client::try_default().await {
+            Ok(client) => break client,
+            Err(e) => {
+                let reason = format!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}");
+                warn!(error = %reason, "secret mirror waiting for a Kubernetes client");
+                readiness.set("pull-secret", Err(reason));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    };
+    crate::secrets::run(client, settings, status, metrics, Some(readiness), shutdown).await;
 }

@@ -7,6 +7,7 @@ mod common;
 mod cache;
 mod cli;
 mod e2e;
+mod mirror;
 pub mod resolve_auth;
 mod resolve_plain;
 mod resolve_tls;

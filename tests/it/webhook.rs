@@ -456,3 +456,36 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
         "the old certificate is gone"
     );
 }
+
+#[tokio::test]
+async fn a_pull_secret_that_the_mirror_has_not_synced_yet_denies_the_pod() {
+    let env = token_env().await;
+    let host = env.proxy.host.clone();
+    let (_d, cfg) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let (cache, _) = cached(&env.settings(&cfg), CacheSettings::default());
+    let status = Arc::new(fn_image_resolver::secrets::MirrorStatus::default());
+    let admitter = Admitter::new(cache, admission_settings()).with_mirror(status);
+    let body = serde_json::to_vec(&review(&host)).expect("json");
+    let answer = admitter.review(&body, None).await.expect("review");
+    assert!(!answer.allowed());
+    let message = answer.message().unwrap_or_default();
+    assert!(
+        message.contains("auth-secret") && message.contains("porch-fn-system"),
+        "{message}"
+    );
+
+    // Images that need no credentials are not held up by the mirror.
+    let plain = PlainEnv::start().await;
+    let (cache, _) = cached(&plain.settings(), CacheSettings::default());
+    let admitter = Admitter::new(cache, admission_settings())
+        .with_mirror(Arc::new(fn_image_resolver::secrets::MirrorStatus::default()));
+    let body = serde_json::to_vec(&review(&plain.proxy.host)).expect("json");
+    assert!(
+        admitter
+            .review(&body, None)
+            .await
+            .expect("review")
+            .allowed()
+    );
+}

@@ -1,0 +1,359 @@
+//! The pull-secret mirror: keeps Secret `--registry-auth-secret-name` in
+//! `--pod-namespace` equal to the Docker config mounted at
+//! `--registry-auth-secret-path`.
+//!
+//! It reacts to the source file (the kubelet swaps a `..data` symlink, so the
+//! directory is watched), to the target (a watch on that one Secret: deleted
+//! or edited means restored at once), and to a periodic resync; failures are
+//! retried with backoff. Writes are server-side applies with one field
+//! manager and forced ownership: several replicas writing the same bytes
+//! converge (an identical apply changes nothing, not even the
+//! resourceVersion), so no leader election is needed. A source that is not
+//! valid Docker config JSON never reaches the target: the last good one stays.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::registry::DockerConfig;
+
+pub const SECRET_TYPE: &str = "kubernetes.io/dockerconfigjson";
+pub const SECRET_KEY: &str = ".dockerconfigjson";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "fn-image-resolver";
+const FIELD_MANAGER: &str = "fn-image-resolver";
+
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    pub source: PathBuf,
+    pub name: String,
+    pub namespace: String,
+    pub resync: Duration,
+}
+
+/// Whether the target Secret is known to be in place (shared with the
+/// webhook, which must not inject a secret that does not exist, and with
+/// readiness).
+#[derive(Debug, Default)]
+pub struct MirrorStatus {
+    synced: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl MirrorStatus {
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, result: &Result<(), String>) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                self.synced.store(true, Ordering::Release);
+                *last = None;
+            }
+            Err(e) => *last = Some(e.clone()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the source {path} is unusable and no earlier good copy exists: {reason}")]
+    NoSource { path: PathBuf, reason: String },
+    #[error("cannot read Secret {namespace}/{name}: {source}")]
+    Get {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot apply Secret {namespace}/{name}: {source}")]
+    Apply {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+impl SyncOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// The mirror's state between syncs.
+#[derive(Debug)]
+pub struct Mirror {
+    api: Api<Secret>,
+    settings: MirrorSettings,
+    metrics: Arc<Metrics>,
+    last_good: Option<Vec<u8>>,
+    /// When the source last changed and the target has not caught up yet.
+    pending_since: Option<Instant>,
+}
+
+impl Mirror {
+    pub fn new(client: kube::Client, settings: MirrorSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            metrics,
+            last_good: None,
+            pending_since: None,
+        }
+    }
+
+    /// The bytes to mirror: the source if it is valid Docker config JSON,
+    /// else the last good copy.
+    fn source(&mut self) -> Result<Vec<u8>, SyncError> {
+        let path = &self.settings.source;
+        let read = std::fs::read(path)
+            .map_err(|e| format!("cannot read it: {e}"))
+            .and_then(|bytes| {
+                DockerConfig::parse(&bytes, path)
+                    .map(|_| bytes)
+                    .map_err(|e| e.to_string())
+            });
+        match read {
+            Ok(bytes) => {
+                if self.last_good.as_ref() != Some(&bytes) {
+                    if self.last_good.is_some() {
+                        self.pending_since = Some(Instant::now());
+                    }
+                    self.last_good = Some(bytes.clone());
+                }
+                Ok(bytes)
+            }
+            Err(reason) => {
+                self.metrics.secret_sync("invalid-source");
+                warn!(path = %path.display(), error = %reason, "Docker config unusable; the pull secret keeps the last good copy");
+                self.last_good.clone().ok_or_else(|| SyncError::NoSource {
+                    path: path.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Makes the target equal to the source (one GET, plus one apply when
+    /// they differ).
+    pub async fn sync(&mut self) -> Result<SyncOutcome, SyncError> {
+        let data = self.source()?;
+        let (namespace, name) = (self.settings.namespace.clone(), self.settings.name.clone());
+        let current = self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(|source| SyncError::Get {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        let in_place = current.as_ref().is_some_and(|s| {
+            s.type_.as_deref() == Some(SECRET_TYPE)
+                && s.data
+                    .as_ref()
+                    .and_then(|d| d.get(SECRET_KEY))
+                    .map(|b| &b.0)
+                    == Some(&data)
+                && s.data.as_ref().is_some_and(|d| d.len() == 1)
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(MANAGED_BY_LABEL))
+                    .map(String::as_str)
+                    == Some(MANAGED_BY)
+        });
+        if in_place {
+            self.pending_since = None;
+            return Ok(SyncOutcome::Unchanged);
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY_LABEL.to_string(),
+                    MANAGED_BY.to_string(),
+                )])),
+                ..Default::default()
+            },
+            type_: Some(SECRET_TYPE.to_string()),
+            data: Some(BTreeMap::from([(SECRET_KEY.to_string(), ByteString(data))])),
+            ..Default::default()
+        };
+        self.api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(|source| SyncError::Apply {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        if let Some(since) = self.pending_since.take() {
+            self.metrics.secret_propagation(since.elapsed());
+        }
+        Ok(if current.is_some() {
+            SyncOutcome::Updated
+        } else {
+            SyncOutcome::Created
+        })
+    }
+}
+
+/// Runs the mirror until `shutdown`. `status` turns synced after the first
+/// success and carries the last error.
+pub async fn run(
+    client: kube::Client,
+    settings: MirrorSettings,
+    status: Arc<MirrorStatus>,
+    metrics: Arc<Metrics>,
+    readiness: Option<Arc<crate::server::Readiness>>,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut rx) = mpsc::channel::<&'static str>(16);
+    let _file_watcher = watch_file(&settings.source, tx.clone())
+        .map_err(|e| warn!(path = %settings.source.display(), error = %e, "cannot watch the Docker config; relying on the periodic resync"))
+        .ok();
+    // Watch just the target Secret: deleted or edited means restored now.
+    let target = {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
+        let tx = tx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut events = watcher(api, config).boxed();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    event = events.next() => match event {
+                        Some(Ok(_)) => { let _ = tx.try_send("target changed"); }
+                        Some(Err(e)) => {
+                            debug!(error = %e, "watch on the pull secret interrupted; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        None => return,
+                    }
+                }
+            }
+        })
+    };
+    let mut mirror = Mirror::new(client, settings.clone(), metrics.clone());
+    let mut resync = tokio::time::interval(settings.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::from_millis(250);
+    let mut retry_at: Option<tokio::time::Instant>;
+    let mut reason = "startup";
+    loop {
+        let result = mirror.sync().await;
+        let recorded = result.as_ref().map(|_| ()).map_err(ToString::to_string);
+        status.record(&recorded);
+        // Ready once the secret has been put in place; a later failure is
+        // retried and logged but does not take the webhook out of service.
+        if let Some(readiness) = &readiness {
+            readiness.set(
+                "pull-secret",
+                if status.is_synced() {
+                    Ok(())
+                } else {
+                    Err(recorded.err().unwrap_or_default())
+                },
+            );
+        }
+        match result {
+            Ok(outcome) => {
+                metrics.secret_sync(outcome.as_str());
+                if outcome != SyncOutcome::Unchanged {
+                    info!(secret = %settings.name, namespace = %settings.namespace, outcome = outcome.as_str(), reason, "pull secret synced");
+                }
+                metrics.secret_synced_now();
+                backoff = Duration::from_millis(250);
+                retry_at = None;
+            }
+            Err(e) => {
+                metrics.secret_sync("error");
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pull secret sync failed");
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = rx.recv() => {
+                reason = r.unwrap_or("events closed");
+                // Coalesce bursts (a symlink swap is several events).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = resync.tick() => reason = "resync",
+            () = retry => reason = "retry",
+        }
+    }
+    target.abort();
+}
+
+fn watch_file(
+    path: &Path,
+    tx: mpsc::Sender<&'static str>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send("source changed");
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
