@@ -42,6 +42,11 @@ pub enum Command {
     ///
     /// Uses in-cluster credentials or $KUBECONFIG. With --print, only prints it.
     Register(RegisterArgs),
+    /// Exit 0 if URL answers 2xx within 3s (for exec probes of a loopback endpoint).
+    Check {
+        /// e.g. http://127.0.0.1:9445/readyz
+        url: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,6 +137,7 @@ pub fn run() -> ExitCode {
             Command::Serve(args) => crate::server::run(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(args) => certs(&args).map(|()| ExitCode::SUCCESS),
             Command::Register(args) => register(&args).await.map(|()| ExitCode::SUCCESS),
+            Command::Check { url } => check(&url).await,
         }
     });
     match result {
@@ -221,4 +227,29 @@ async fn register(args: &RegisterArgs) -> anyhow::Result<()> {
         args.registration.webhook_name
     );
     Ok(())
+}
+
+async fn check(url: &str) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            crate::registry::tls::client_config(
+                crate::registry::tls::system_roots()
+                    .unwrap_or_else(|_| rustls::RootCertStore::empty()),
+            )
+            .as_ref()
+            .clone(),
+        )
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    match client.get(url).send().await {
+        Ok(resp) if resp.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(resp) => {
+            eprintln!("{url}: HTTP {}", resp.status());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -66,6 +66,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     let plane = ControlPlane::start();
     let admin = plane.admin().await;
     namespace(&admin, "porch-fn-system").await;
+    namespace(&admin, "porch-system").await;
     namespace(&admin, "other").await;
 
     let env = token_env().await;
@@ -278,6 +279,41 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         assert!(ok, "{dir}: {out}");
     }
     let (ok, out) = kubectl(&admin, &["apply", "-k", &format!("{root}/deploy")]);
+    assert!(ok, "{out}");
+
+    // The sidecar component on a function-runner Deployment shaped like Porch's.
+    let porch = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        porch.path().join("function-runner.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: function-runner\n  namespace: porch-system\nspec:\n  selector:\n    matchLabels: {app: function-runner}\n  template:\n    metadata:\n      labels: {app: function-runner}\n    spec:\n      containers:\n        - name: function-runner\n          image: example.com/porch-function-runner:v4\n          args: [--enable-private-registry=true]\n          volumeMounts:\n            - {name: docker-config, mountPath: /var/tmp/auth-secret, readOnly: true}\n      volumes:\n        - name: docker-config\n          secret: {secretName: registry-auth-secret}\n        - name: tls-registry-config\n          secret: {secretName: registry-tls-secret, optional: true}\n",
+    )
+    .expect("write");
+    // kustomize wants a relative path to a component.
+    let up = "../".repeat(porch.path().components().count() - 1);
+    let component = format!(
+        "{up}{}/deploy/components/function-runner-sidecar",
+        root.trim_start_matches('/')
+    );
+    std::fs::write(
+        porch.path().join("kustomization.yaml"),
+        format!("resources: [function-runner.yaml]\ncomponents: [{component}]\n"),
+    )
+    .expect("write");
+    let (ok, out) = kubectl(&admin, &["kustomize", &porch.path().display().to_string()]);
+    assert!(
+        ok && out.contains("--resolver-listen=127.0.0.1:9445")
+            && out.contains("name: fn-image-resolver"),
+        "{out}"
+    );
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-k",
+            &porch.path().display().to_string(),
+        ],
+    );
     assert!(ok, "{out}");
 
     let sa = "system:serviceaccount:porch-system:fn-image-resolver";

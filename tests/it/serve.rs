@@ -259,6 +259,24 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     }
     assert!(ready, "serve became ready");
 
+    let check = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            tokio::process::Command::new(BIN)
+                .args(["check", &url])
+                .status()
+                .await
+                .expect("check")
+                .code()
+        }
+    };
+    assert_eq!(
+        check("/readyz").await,
+        Some(0),
+        "the exec-probe helper sees a ready server"
+    );
+    assert_eq!(check("/nope").await, Some(1));
+
     env.proxy.set_delay(Duration::from_millis(800));
     let url = format!(
         "{base}/v1/resolve?image={}",
