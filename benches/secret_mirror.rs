@@ -12,34 +12,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::k8s::{kubelet_swap, wait_for_secret_data};
 use fn_image_resolver::metrics::Metrics;
-use fn_image_resolver::secrets::{MirrorSettings, MirrorStatus, SECRET_KEY};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use fn_image_resolver::secrets::{MirrorSettings, MirrorStatus};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams};
 
 const ROUNDS: usize = 30;
-
-async fn until(api: &Api<Secret>, want: &[u8]) -> Duration {
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(s)) = api.get_opt("auth-secret").await
-            && s.data
-                .as_ref()
-                .and_then(|d| d.get(SECRET_KEY))
-                .map(|b| b.0.as_slice())
-                == Some(want)
-        {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no sync within 10s"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
 
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort_unstable();
@@ -57,37 +38,19 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 async fn main() {
     common::init_crypto();
     let plane = common::k8s::ControlPlane::start();
+    plane.create_namespace("porch-fn-system").await;
     let client = plane.admin().await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some("porch-fn-system".into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
 
     let mount = tempfile::tempdir().expect("mount");
     let write = |generation: usize| {
         let content = format!(
             r#"{{"auths":{{"r.example.com":{{"username":"u","password":"p{generation}"}}}}}}"#
         );
-        let data = mount.path().join(format!("..data_{generation}"));
-        std::fs::create_dir(&data).expect("dir");
-        std::fs::write(data.join(".dockerconfigjson"), &content).expect("write");
-        let tmp = mount.path().join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&data, &tmp).expect("symlink");
-        std::fs::rename(&tmp, mount.path().join("..data")).expect("swap");
+        kubelet_swap(mount.path(), content.as_bytes(), generation);
         content.into_bytes()
     };
     let first = write(0);
     let path = mount.path().join(".dockerconfigjson");
-    std::os::unix::fs::symlink("..data/.dockerconfigjson", &path).expect("link");
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(fn_image_resolver::secrets::run(
         client.clone(),
@@ -103,18 +66,18 @@ async fn main() {
         shutdown.clone(),
     ));
     let secrets: Api<Secret> = Api::namespaced(client, "porch-fn-system");
-    until(&secrets, &first).await;
+    wait_for_secret_data(&secrets, "auth-secret", &first).await;
 
     let mut swaps = Vec::new();
     let mut recreations = Vec::new();
     for round in 1..=ROUNDS {
         let want = write(round);
-        swaps.push(until(&secrets, &want).await);
+        swaps.push(wait_for_secret_data(&secrets, "auth-secret", &want).await);
         secrets
             .delete("auth-secret", &DeleteParams::default())
             .await
             .expect("delete");
-        recreations.push(until(&secrets, &want).await);
+        recreations.push(wait_for_secret_data(&secrets, "auth-secret", &want).await);
     }
     shutdown.cancel();
     report("source swapped -> target updated", swaps);

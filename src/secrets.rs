@@ -12,7 +12,7 @@
 //! valid Docker config JSON never reaches the target: the last good one stays.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +23,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -254,9 +253,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<&'static str>(16);
-    let _file_watcher = watch_file(&settings.source, tx.clone())
-        .map_err(|e| warn!(path = %settings.source.display(), error = %e, "cannot watch the Docker config; relying on the periodic resync"))
-        .ok();
+    let file_tx = tx.clone();
+    let _file_watcher = crate::fswatch::watch_parents(&[&settings.source], move || {
+        let _ = file_tx.try_send("source changed");
+    })
+    .map_err(|e| warn!(path = %settings.source.display(), error = %e, "cannot watch the Docker config; relying on the periodic resync"))
+    .ok();
     // Watch just the target Secret: deleted or edited means restored now.
     let target = {
         let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
@@ -338,22 +340,4 @@ pub async fn run(
         }
     }
     target.abort();
-}
-
-fn watch_file(
-    path: &Path,
-    tx: mpsc::Sender<&'static str>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.try_send("source changed");
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
 }

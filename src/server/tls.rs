@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher as _};
 use rustls::crypto::aws_lc_rs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -116,29 +115,10 @@ impl ReloadingCert {
     /// a `..data` symlink) plus a periodic re-read.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
-        let mut dirs: Vec<PathBuf> = [&self.cert_path, &self.key_path]
-            .iter()
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d
-                }
-            })
-            .collect();
-        dirs.dedup();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+        let watcher =
+            crate::fswatch::watch_parents(&[&self.cert_path, &self.key_path], move || {
                 let _ = tx.try_send(());
-            }
-        })
-        .and_then(|mut w| {
-            for dir in &dirs {
-                w.watch(dir, RecursiveMode::NonRecursive)?;
-            }
-            Ok(w)
-        });
+            });
         let _watcher = watcher.map_err(|e| warn!(error = %e, "cannot watch the certificate files; re-reading them every 30s")).ok();
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         tick.tick().await;

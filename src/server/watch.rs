@@ -2,11 +2,10 @@
 //! swapping a `..data` symlink in the mount directory, so the directory is
 //! watched (not the file), and a slow periodic re-read backs the watcher up.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -29,7 +28,10 @@ pub async fn watch_credentials(
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = match watcher(&path, tx) {
+    let _watcher = match crate::fswatch::watch_parents(&[&path], move || {
+        // Full channel: a reload is already pending, which is enough.
+        let _ = tx.try_send(());
+    }) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot watch the Docker config; re-reading it every {}s", RESYNC.as_secs());
@@ -55,20 +57,4 @@ pub async fn watch_credentials(
             Err(e) => warn!(error = %e, "keeping the last good Docker config"),
         }
     }
-}
-
-fn watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            // Full channel: a reload is already pending, which is enough.
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
 }

@@ -204,14 +204,40 @@ impl ControlPlane {
         path
     }
 
+    /// A kubeconfig that acts as `user` in `groups` (admin impersonation),
+    /// e.g. a ServiceAccount, to prove what its RBAC allows.
+    pub fn kubeconfig_as(&self, user: &str, groups: &[&str]) -> PathBuf {
+        let admin =
+            std::fs::read_to_string(self.kubeconfig(ADMIN_TOKEN, "admin")).expect("kubeconfig");
+        let groups: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();
+        let with_as = admin.replace(
+            &format!("    token: {ADMIN_TOKEN}\n"),
+            &format!(
+                "    token: {ADMIN_TOKEN}\n    as: {user}\n    as-groups: [{}]\n",
+                groups.join(", ")
+            ),
+        );
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-as-{}", user.replace(':', "_")));
+        std::fs::write(&path, with_as).expect("kubeconfig");
+        path
+    }
+
     /// A client for `token`.
     pub async fn client_for(&self, token: &str, name: &str) -> kube::Client {
-        let path = self.kubeconfig(token, name);
-        let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        client_from(&self.kubeconfig(token, name)).await
+    }
+
+    pub async fn create_namespace(&self, name: &str) {
+        use k8s_openapi::api::core::v1::Namespace;
+        let api: kube::Api<Namespace> = kube::Api::all(self.admin().await);
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.to_string());
+        api.create(&Default::default(), &ns)
             .await
-            .expect("kube config");
-        kube::Client::try_from(config).expect("kube client")
+            .expect("create namespace");
     }
 
     pub async fn admin(&self) -> kube::Client {
@@ -223,5 +249,57 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         kill(&mut self.apiserver);
         kill(&mut self.etcd);
+    }
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    kube::Client::try_from(config).expect("kube client")
+}
+
+/// Polls (every 2 ms, at most 10 s) until Secret `name` holds `want` under
+/// `.dockerconfigjson`; returns how long that took.
+pub async fn wait_for_secret_data(
+    api: &kube::Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    want: &[u8],
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(s)) = api.get_opt(name).await
+            && s.data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
+                .map(|b| b.0.as_slice())
+                == Some(want)
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Secret {name} never held the expected data"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Swaps a Secret volume's content the way the kubelet does: a new
+/// timestamped directory, then an atomic rename of the `..data` symlink.
+/// `mount/.dockerconfigjson` must link to `..data/.dockerconfigjson`.
+pub fn kubelet_swap(mount: &Path, content: &[u8], generation: usize) {
+    let data = mount.join(format!("..2026_11_23_{generation}"));
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join(".dockerconfigjson"), content).expect("write");
+    let tmp = mount.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&data, &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    let file = mount.join(".dockerconfigjson");
+    if !file.exists() {
+        std::os::unix::fs::symlink("..data/.dockerconfigjson", &file).expect("file link");
     }
 }

@@ -4,8 +4,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::common::k8s::{ADMIN_TOKEN, ControlPlane};
@@ -22,20 +22,6 @@ fn function_pod(registry: &str) -> Pod {
     let mut pod: Pod = serde_json::from_value(review["request"]["object"].clone()).expect("pod");
     pod.metadata.namespace = None;
     pod
-}
-
-async fn namespace(client: &kube::Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
 }
 
 struct Serve(tokio::process::Child);
@@ -64,10 +50,10 @@ async fn wait_ready(url: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_stores_function_pods_pinned_through_the_registered_webhook() {
     let plane = ControlPlane::start();
+    for ns in ["porch-fn-system", "porch-system", "other"] {
+        plane.create_namespace(ns).await;
+    }
     let admin = plane.admin().await;
-    namespace(&admin, "porch-fn-system").await;
-    namespace(&admin, "porch-system").await;
-    namespace(&admin, "other").await;
 
     let env = token_env().await;
     let host = env.proxy.host.clone();
@@ -266,9 +252,8 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
 #[tokio::test]
 async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     let plane = ControlPlane::start();
-    let admin_client = plane.admin().await;
-    namespace(&admin_client, "porch-system").await;
-    namespace(&admin_client, "porch-fn-system").await;
+    plane.create_namespace("porch-system").await;
+    plane.create_namespace("porch-fn-system").await;
     let admin = plane.kubeconfig(ADMIN_TOKEN, "admin");
     let root = env!("CARGO_MANIFEST_DIR");
     for dir in ["deploy", "webhook-config"] {
@@ -374,15 +359,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     }
 
     // Registration with exactly that identity succeeds, twice (create, then update).
-    let mut sa_config = std::fs::read_to_string(&admin).expect("kubeconfig");
-    sa_config = sa_config.replace(
-        &format!("    token: {ADMIN_TOKEN}\n"),
-        &format!(
-            "    token: {ADMIN_TOKEN}\n    as: {sa}\n    as-groups: [\"system:serviceaccounts\"]\n"
-        ),
-    );
-    let sa_kubeconfig = plane.dir.path().join("kubeconfig-sa");
-    std::fs::write(&sa_kubeconfig, sa_config).expect("write");
+    let sa_kubeconfig = plane.kubeconfig_as(sa, &["system:serviceaccounts"]);
     for _ in 0..2 {
         let out = tokio::process::Command::new(BIN)
             .args(["register"])

@@ -1,70 +1,37 @@
 //! The pull-secret mirror against a real kube-apiserver.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fn_image_resolver::metrics::Metrics;
 use fn_image_resolver::secrets::{
     MANAGED_BY, MANAGED_BY_LABEL, MirrorSettings, MirrorStatus, SECRET_KEY, SECRET_TYPE,
 };
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::common::k8s::{ADMIN_TOKEN, ControlPlane};
+use crate::common::k8s::{
+    ADMIN_TOKEN, ControlPlane, client_from, kubelet_swap, wait_for_secret_data,
+};
+
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resolver";
 
 const NS: &str = "porch-fn-system";
 
-async fn namespace(client: &kube::Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
-}
-
-/// Polls (bounded) until the target holds `want`.
 async fn wait_for(api: &Api<Secret>, want: &[u8]) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(s)) = api.get_opt("auth-secret").await
-            && s.data
-                .as_ref()
-                .and_then(|d| d.get(SECRET_KEY))
-                .map(|b| b.0.as_slice())
-                == Some(want)
-        {
-            assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
-            assert_eq!(
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(MANAGED_BY_LABEL))
-                    .map(String::as_str),
-                Some(MANAGED_BY)
-            );
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the target never held the expected data");
-}
-
-/// Swaps the mounted file the way the kubelet does: new dir, then symlink.
-fn kubelet_swap(mount: &std::path::Path, content: &[u8], generation: usize) {
-    let data = mount.join(format!("..2026_11_23_{generation}"));
-    std::fs::create_dir(&data).expect("data dir");
-    std::fs::write(data.join(".dockerconfigjson"), content).expect("write");
-    let tmp = mount.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&data, &tmp).expect("symlink");
-    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    let took = wait_for_secret_data(api, "auth-secret", want).await;
+    let s = api.get("auth-secret").await.expect("get");
+    assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
+    assert_eq!(
+        s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .map(String::as_str),
+        Some(MANAGED_BY)
+    );
+    took
 }
 
 fn config(password: &str) -> Vec<u8> {
@@ -101,9 +68,9 @@ fn start_mirror(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     let mut plane = ControlPlane::start();
+    plane.create_namespace("porch-system").await;
+    plane.create_namespace(NS).await;
     let admin = plane.admin().await;
-    namespace(&admin, "porch-system").await;
-    namespace(&admin, NS).await;
     // Run as the deploy's ServiceAccount: its Role must be enough.
     let admin_kubeconfig = plane.kubeconfig(ADMIN_TOKEN, "admin");
     let out = std::process::Command::new("kubectl")
@@ -120,28 +87,12 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sa_kubeconfig = plane.dir.path().join("kubeconfig-sa");
-    std::fs::write(
-        &sa_kubeconfig,
-        std::fs::read_to_string(&admin_kubeconfig).expect("read").replace(
-            &format!("    token: {ADMIN_TOKEN}\n"),
-            &format!("    token: {ADMIN_TOKEN}\n    as: system:serviceaccount:porch-system:fn-image-resolver\n    as-groups: [\"system:serviceaccounts\"]\n"),
-        ),
-    )
-    .expect("write");
-    let kubeconfig = kube::config::Kubeconfig::read_from(&sa_kubeconfig).expect("kubeconfig");
-    let sa = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .expect("config"),
-    )
-    .expect("client");
+    let sa = client_from(&plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"])).await;
 
     // The mount as the kubelet lays it out: file -> ..data/file.
     let mount = tempfile::tempdir().expect("mount");
     kubelet_swap(mount.path(), &config("one"), 1);
     let path = mount.path().join(".dockerconfigjson");
-    std::os::unix::fs::symlink("..data/.dockerconfigjson", &path).expect("file link");
 
     let metrics = Metrics::new();
     let (status, shutdown) = start_mirror(sa.clone(), &path, metrics.clone());
