@@ -14,6 +14,7 @@ use crate::resolve_auth::{PASSWORD, token_env};
 use crate::{basic_auth, docker_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resolver";
 const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 
 fn function_pod(registry: &str) -> Pod {
@@ -64,7 +65,11 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
         .expect("certs");
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
-    let kubeconfig = plane.kubeconfig(ADMIN_TOKEN, "admin");
+    // serve runs as the deploy's ServiceAccount: registration, the secret
+    // mirror and everything else must work with exactly that RBAC.
+    let (ok, out) = kubectl(&plane.kubeconfig(ADMIN_TOKEN, "admin"), &["apply", "-k", concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")]);
+    assert!(ok, "{out}");
+    let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
     let insecure = format!("{host},127.0.0.1:{}", env.tokens.port);
     let serve = |failure_policy: &str| {
         tokio::process::Command::new(BIN)
@@ -301,7 +306,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     );
     assert!(ok, "{out}");
 
-    let sa = "system:serviceaccount:porch-system:fn-image-resolver";
+    let sa = SERVICE_ACCOUNT;
     let can = |args: &[&str]| {
         let mut full = vec![
             "auth",

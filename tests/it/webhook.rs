@@ -489,3 +489,24 @@ async fn a_pull_secret_that_the_mirror_has_not_synced_yet_denies_the_pod() {
             .allowed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stops_mid_review_fails_open_with_a_warning() {
+    let mut env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    // Manifests come back; the config fetch is slow and the registry dies meanwhile.
+    env.proxy.set_fault(Fault::Delay(Duration::from_millis(700)), Some(Kind::Blob));
+    let review = review(&env.proxy.host);
+    let pending = {
+        let client = hook.client.clone();
+        let url = format!("{}/mutate?timeout=5s", hook.base);
+        let body = review.clone();
+        tokio::spawn(async move { client.post(url).json(&body).send().await.expect("request").json::<Value>().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.registry.stop();
+    let answer = pending.await.expect("join").expect("json");
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"].get("patch").is_none());
+    assert!(answer["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("admitted it unchanged")), "{answer}");
+}
