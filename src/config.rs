@@ -222,6 +222,16 @@ pub struct WebhookArgs {
     )]
     pub tls_key_file: Option<PathBuf>,
 
+    /// Also serve /v1/resolve on the HTTPS listener, to callers presenting one
+    /// of the bearer tokens in this file (one per line).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "tls_cert_file"
+    )]
+    pub resolver_token_file: Option<PathBuf>,
+
     /// When images cannot be resolved in time (registry down, slow, 5xx):
     /// `open` admits the pod unchanged with a warning, `closed` denies it.
     /// Definitive failures (not found, unauthorized) always deny.

@@ -2,6 +2,7 @@
 //! metrics, the credential watcher, and graceful shutdown.
 
 mod api;
+pub mod auth;
 pub mod tls;
 mod watch;
 
@@ -76,10 +77,19 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 /// and a review can carry two of them.
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
-/// The webhook listener's routes: `/mutate` with health, readiness and metrics.
-/// (`/v1/resolve` joins it once callers can be authenticated.)
-pub fn webhook_router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The webhook listener's routes: `/mutate` with health, readiness and
+/// metrics, and `/v1/resolve` for callers with a token when `tokens` is set.
+pub fn webhook_router(state: Arc<AppState>, tokens: Option<auth::Tokens>) -> Router {
+    let mut router = Router::new();
+    if let Some(tokens) = tokens {
+        router = router.route(
+            "/v1/resolve",
+            get(api::resolve_one)
+                .post(api::resolve_batch)
+                .layer(middleware::from_fn_with_state(tokens, auth::require_token)),
+        );
+    }
+    router
         .route("/mutate", axum::routing::post(mutate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -339,9 +349,15 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(cert) = &cert {
         tasks.spawn(cert.clone().watch(shutdown.clone()));
+        let tokens = args
+            .webhook
+            .resolver_token_file
+            .as_deref()
+            .map(auth::Tokens::load)
+            .transpose()?;
         let webhook = serve_tls(
             args.webhook.listen,
-            webhook_router(state.clone()),
+            webhook_router(state.clone(), tokens),
             cert.clone(),
             shutdown.clone(),
             args.server.shutdown_timeout,

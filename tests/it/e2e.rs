@@ -67,7 +67,14 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     let resolver_port = crate::common::free_port();
     // serve runs as the deploy's ServiceAccount: registration, the secret
     // mirror and everything else must work with exactly that RBAC.
-    let (ok, out) = kubectl(&plane.kubeconfig(ADMIN_TOKEN, "admin"), &["apply", "-k", concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")]);
+    let (ok, out) = kubectl(
+        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
+        &[
+            "apply",
+            "-k",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
+        ],
+    );
     assert!(ok, "{out}");
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
     let insecure = format!("{host},127.0.0.1:{}", env.tokens.port);

@@ -18,6 +18,7 @@ use crate::resolve_auth::{PASSWORD, token_env};
 use crate::{PlainEnv, admission_settings, basic_auth, cached, docker_config};
 
 const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
+const RESOLVER_TOKEN: &str = "resolver-caller-TOKEN-marker";
 
 fn review(registry: &str) -> Value {
     serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", registry)).expect("fixture")
@@ -51,6 +52,13 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
     fn_image_resolver::certs::write_bundle(certs.path(), &names, false).expect("certs");
     let cert = ReloadingCert::load(certs.path().join("tls.crt"), certs.path().join("tls.key"))
         .expect("load");
+    std::fs::write(
+        certs.path().join("tokens"),
+        format!("# callers\n{RESOLVER_TOKEN},function-runner\n"),
+    )
+    .expect("tokens");
+    let tokens = fn_image_resolver::server::auth::Tokens::load(&certs.path().join("tokens"))
+        .expect("tokens");
     let (cache, metrics) = cached(settings, CacheSettings::default());
     let mut admission = admission_settings();
     admission.failure_mode = failure_mode;
@@ -67,7 +75,7 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
     tokio::spawn(cert.clone().watch(shutdown.clone()));
     tokio::spawn(fn_image_resolver::server::serve_tls(
         addr,
-        fn_image_resolver::server::webhook_router(state),
+        fn_image_resolver::server::webhook_router(state, Some(tokens)),
         cert,
         shutdown.clone(),
         Duration::from_secs(5),
@@ -495,18 +503,77 @@ async fn a_registry_that_stops_mid_review_fails_open_with_a_warning() {
     let mut env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     // Manifests come back; the config fetch is slow and the registry dies meanwhile.
-    env.proxy.set_fault(Fault::Delay(Duration::from_millis(700)), Some(Kind::Blob));
+    env.proxy
+        .set_fault(Fault::Delay(Duration::from_millis(700)), Some(Kind::Blob));
     let review = review(&env.proxy.host);
     let pending = {
         let client = hook.client.clone();
         let url = format!("{}/mutate?timeout=5s", hook.base);
         let body = review.clone();
-        tokio::spawn(async move { client.post(url).json(&body).send().await.expect("request").json::<Value>().await })
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("request")
+                .json::<Value>()
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.registry.stop();
     let answer = pending.await.expect("join").expect("json");
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     assert!(answer["response"].get("patch").is_none());
-    assert!(answer["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("admitted it unchanged")), "{answer}");
+    assert!(
+        answer["response"]["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("admitted it unchanged")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn the_resolver_on_the_https_listener_needs_a_token() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let url = format!(
+        "{}/v1/resolve?image={}/fns/set-namespace:v0.4",
+        hook.base, env.proxy.host
+    );
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic cmVzb2x2ZXI6eA=="),
+        Some("Bearer "),
+    ] {
+        let mut req = hook.client.get(&url);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), 401, "{auth:?}");
+        assert!(resp.headers().contains_key("www-authenticate"));
+        let body = resp.text().await.expect("body");
+        assert!(
+            !body.contains("set-namespace") && !body.contains(&env.proxy.host),
+            "no registry detail: {body}"
+        );
+    }
+    assert_eq!(
+        env.proxy.total(),
+        0,
+        "unauthenticated calls never reach a registry"
+    );
+    let resp = hook
+        .client
+        .get(&url)
+        .bearer_auth(RESOLVER_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["digest"], env.samples.entrypoint.digest.as_str());
 }
