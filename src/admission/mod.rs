@@ -170,7 +170,9 @@ impl Admitter {
     }
 
     /// Reviews one AdmissionReview body. `timeout` is the API server's budget
-    /// for this call (its `?timeout=` parameter).
+    /// for this call (its `?timeout=` parameter). Logs carry one span per
+    /// review with its uid, namespace and pod name.
+    #[tracing::instrument(name = "admission", skip_all, fields(uid, namespace, pod))]
     pub async fn review(
         &self,
         body: &[u8],
@@ -191,6 +193,25 @@ impl Admitter {
         let request: AdmissionRequest<DynamicObject> =
             review.try_into().map_err(|_| ReviewError::NotARequest)?;
         let uid = request.uid.clone();
+        let span = tracing::Span::current();
+        span.record("uid", uid.as_str());
+        span.record(
+            "namespace",
+            request.namespace.as_deref().unwrap_or_default(),
+        );
+        span.record(
+            "pod",
+            request
+                .object
+                .as_ref()
+                .and_then(|o| {
+                    o.metadata
+                        .name
+                        .as_deref()
+                        .or(o.metadata.generate_name.as_deref())
+                })
+                .unwrap_or(request.name.as_str()),
+        );
         let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
         let in_scope = is_pod
             && matches!(request.operation, Operation::Create)
