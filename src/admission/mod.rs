@@ -316,13 +316,6 @@ impl Admitter {
             Err(e) => return self.transient(uid, format!("cannot serialize the patch: {e}")),
         };
         info!(
-            uid,
-            pod = pod
-                .metadata
-                .name
-                .as_deref()
-                .or(pod.metadata.generate_name.as_deref())
-                .unwrap_or_default(),
             pinned = mutation.pinned.len(),
             pull_secret_added = mutation.pull_secret_added,
             "function pod mutated"
