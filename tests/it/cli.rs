@@ -148,7 +148,7 @@ fn the_static_webhook_manifest_is_what_register_builds() {
         "/webhook-config/base/mutatingwebhookconfiguration.yaml"
     );
     let stat: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");
     assert_eq!(stat, built);
 }
 
