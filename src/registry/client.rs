@@ -303,7 +303,21 @@ impl RegistryClient {
         let ladder = self.ladder(target);
         let mut last_tls = String::new();
         for (i, rung) in ladder.iter().copied().enumerate() {
-            match self.send_on(rung, target, &method, path, kind).await {
+            let mut attempt = self.send_on(rung, target, &method, path, kind).await;
+            // A pooled keep-alive connection the registry closed (restart,
+            // idle timeout) fails the first request on it; our requests are
+            // idempotent reads, so one retry goes out on a fresh connection.
+            if matches!(
+                attempt,
+                Err(Attempt::Failed(RegistryError::Unreachable { .. }))
+            ) {
+                debug!(
+                    registry = target.registry,
+                    "connection failed; retrying once on a new connection"
+                );
+                attempt = self.send_on(rung, target, &method, path, kind).await;
+            }
+            match attempt {
                 Ok(resp) => {
                     let previous = lock(&self.rungs).insert(target.host.to_string(), rung);
                     // Loud, but once per host rather than once per request.

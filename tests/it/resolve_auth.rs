@@ -337,3 +337,40 @@ async fn token_server_refusals_and_outages_are_typed_and_leak_nothing() {
     assert!(!err.to_string().contains(PASSWORD));
     drop(env.registry);
 }
+
+#[tokio::test]
+async fn a_token_server_that_is_down_is_unreachable_and_named() {
+    crate::common::init_crypto();
+    let tokens = TokenServer::start(&[("fn-user", PASSWORD)], &[], false).await;
+    let dead_realm_port = crate::common::free_port();
+    let registry = Registry::start(
+        None,
+        Auth::Token {
+            realm: format!("http://127.0.0.1:{dead_realm_port}/token"),
+            service: SERVICE.into(),
+            issuer: ISSUER.into(),
+            root_pem: tokens.root_pem.clone(),
+        },
+    );
+    let (_d, cfg) = docker_config(
+        &json!({"auths": {registry.host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}),
+    );
+    let mut s = settings();
+    s.private_registries = true;
+    s.docker_config_path = cfg;
+    s.insecure_hosts = vec![
+        registry.host.clone(),
+        format!("127.0.0.1:{dead_realm_port}"),
+    ];
+    let err = resolver(&s)
+        .resolve(&format!("{}/fns/set-namespace:v0.4", registry.host), None)
+        .await
+        .expect_err("token server down");
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("token server 127.0.0.1:{dead_realm_port}")),
+        "{msg}"
+    );
+    assert!(!msg.contains(PASSWORD));
+}

@@ -97,3 +97,29 @@ fn missing_or_broken_ca_files_are_startup_errors_naming_the_path() {
     let msg = Resolver::new(&s).expect_err("truncated").to_string();
     assert!(msg.contains("ca.pem"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_registry_certificate_replaced_by_another_cas_fails_the_ladder_clearly() {
+    let (mut registry, ca_pem, samples) = tls_registry().await;
+    let dir = ca_dir("ca.crt", &ca_pem);
+    let mut s = settings();
+    s.tls_ca_dir = Some(dir.path().to_path_buf());
+    let r = resolver(&s);
+    let image = format!("{}/fns/set-namespace:v0.4", registry.host);
+    assert_eq!(
+        r.resolve(&image, None).await.expect("trusted").digest,
+        samples.entrypoint.digest
+    );
+
+    // Same port, same content, a certificate from a CA nobody trusts.
+    registry.stop();
+    let storage = registry.dir.path().join("storage");
+    let (_rogue_ca, rogue) = tls_pair("rogue CA");
+    let _replaced = Registry::start_on(registry.port, Some(&rogue), Auth::None, Some(&storage));
+    let err = r
+        .resolve(&image, None)
+        .await
+        .expect_err("untrusted certificate");
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("the mounted CA"), "{err}");
+}

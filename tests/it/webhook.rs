@@ -400,30 +400,43 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
         .build()
         .expect("client");
     let failures = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicUsize::new(0));
     let done = tokio_util::sync::CancellationToken::new();
     let hammer = {
-        let (failures, done, url) = (
-            failures.clone(),
-            done.clone(),
-            format!("{}/healthz", hook.base),
-        );
+        let (failures, completed, done) = (failures.clone(), completed.clone(), done.clone());
+        let url = format!("{}/healthz", hook.base);
         tokio::spawn(async move {
-            let mut n = 0;
-            while !done.is_cancelled() && n < 5000 {
-                if !both
-                    .get(&url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-                {
-                    failures.fetch_add(1, Ordering::SeqCst);
+            while !done.is_cancelled() && completed.load(Ordering::SeqCst) < 5000 {
+                match both.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => {
+                        eprintln!("rotation: HTTP {}", r.status());
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        eprintln!("rotation: {e:?}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
-                n += 1;
+                completed.fetch_add(1, Ordering::SeqCst);
             }
-            n
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // However slow the machine, rotate only once connections are flowing,
+    // and stop only after more have been made with the new certificate.
+    let wait_for = |n: usize| {
+        let completed = completed.clone();
+        async move {
+            for _ in 0..1000 {
+                if completed.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the hammer made fewer than {n} requests in 10s");
+        }
+    };
+    wait_for(5).await;
     // Rotate like a Secret update: write aside, then rename over.
     for name in ["tls.key", "tls.crt"] {
         let tmp = hook.certs.path().join(format!(".{name}.tmp"));
@@ -432,7 +445,7 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
     }
     let new_only = client_trusting(&new_ca);
     let mut rotated = false;
-    for _ in 0..200 {
+    for _ in 0..500 {
         if new_only
             .get(format!("{}/healthz", hook.base))
             .send()
@@ -444,11 +457,11 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    done.cancel();
-    let requests = hammer.await.expect("hammer");
     assert!(rotated, "the new certificate is served");
-    assert!(requests > 10, "{requests} requests during the rotation");
+    let after_rotation = completed.load(Ordering::SeqCst) + 5;
+    wait_for(after_rotation).await;
+    done.cancel();
+    hammer.await.expect("hammer");
     assert_eq!(
         failures.load(Ordering::SeqCst),
         0,
