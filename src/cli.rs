@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::cache::{CacheSettings, CachedResolver};
 use crate::config::{CacheArgs, LogArgs, RegistryArgs, ServerArgs, WebhookArgs};
 use crate::metrics::Metrics;
-use crate::registry::{Resolution, ResolveError, Resolver};
+use crate::registry::{Resolution, Resolver};
 
 /// Pins Porch KRM function images to digests, fills their entrypoints from the
 /// image config, and mirrors the registry pull secret.
@@ -174,7 +174,7 @@ async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
             Ok(Ok(resolution)) => resolution_json(&resolution),
             Ok(Err(e)) => {
                 failed = true;
-                error_json(image, &e)
+                crate::server::error_json(image, &e)
             }
             Err(join) => {
                 failed = true;
@@ -194,15 +194,6 @@ fn resolution_json(resolution: &Resolution) -> serde_json::Value {
     serde_json::to_value(resolution).unwrap_or_else(|e| json!({"image": resolution.image, "error": {"kind": "internal", "message": e.to_string()}}))
 }
 
-/// The JSON error object shared by the CLI and the HTTP endpoint.
-pub fn error_json(image: &str, error: &ResolveError) -> serde_json::Value {
-    let mut err = json!({"kind": error.kind().as_str(), "message": error.to_string()});
-    if let Some(after) = error.retry_after() {
-        err["retryAfterSeconds"] = json!(after.as_secs());
-    }
-    json!({"image": image, "error": err})
-}
-
 fn certs(args: &CertsArgs) -> anyhow::Result<()> {
     let names = crate::certs::service_names(&args.service, &args.namespace, &args.extra_sans);
     let written = crate::certs::write_bundle(&args.out, &names, args.force)?;
@@ -218,9 +209,9 @@ async fn register(args: &RegisterArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}")
-    })?;
+    let client = crate::registration::kube_client()
+        .await
+        .map_err(anyhow::Error::msg)?;
     crate::registration::apply(client, &config).await?;
     eprintln!(
         "applied MutatingWebhookConfiguration {}",

@@ -190,6 +190,14 @@ pub fn build(
     })
 }
 
+/// A client from in-cluster credentials or `$KUBECONFIG`, with an error that
+/// says where credentials were looked for.
+pub async fn kube_client() -> Result<kube::Client, String> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}"))
+}
+
 /// Server-side applies `config`, taking ownership of its fields.
 pub async fn apply(
     client: kube::Client,

@@ -324,17 +324,8 @@ impl Resolver {
         credential: Option<&Credential>,
     ) -> Result<ImageInfo, RegistryError> {
         let target = target(reference, credential);
-        tokio::time::timeout(
-            self.resolve_timeout,
-            self.fetch_inner(reference, &target, platform),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(RegistryError::Timeout {
-                registry: reference.registry().to_string(),
-                after: self.resolve_timeout,
-            })
-        })
+        self.within_deadline(reference, self.fetch_inner(reference, &target, platform))
+            .await
     }
 
     /// The digest a tag points to now (a HEAD), for revalidating cached answers.
@@ -344,18 +335,28 @@ impl Resolver {
         credential: Option<&Credential>,
     ) -> Result<Option<String>, RegistryError> {
         let target = target(reference, credential);
-        tokio::time::timeout(
-            self.resolve_timeout,
+        self.within_deadline(
+            reference,
             self.client
                 .head_manifest(&target, reference.manifest_reference()),
         )
         .await
-        .unwrap_or_else(|_| {
-            Err(RegistryError::Timeout {
-                registry: reference.registry().to_string(),
-                after: self.resolve_timeout,
+    }
+
+    /// Runs `work` within the resolve timeout; running out is a Timeout.
+    async fn within_deadline<T>(
+        &self,
+        reference: &ImageRef,
+        work: impl std::future::Future<Output = Result<T, RegistryError>>,
+    ) -> Result<T, RegistryError> {
+        tokio::time::timeout(self.resolve_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::Timeout {
+                    registry: reference.registry().to_string(),
+                    after: self.resolve_timeout,
+                })
             })
-        })
     }
 
     async fn fetch_inner(

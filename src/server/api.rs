@@ -47,14 +47,33 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(kind: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             kind,
             message: message.into(),
             retry_after: None,
         }
     }
+
+    pub fn bad_request(kind: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, kind, message)
+    }
+
+    /// The `error` object: `{"kind", "message"[, "retryAfterSeconds"]}`.
+    fn body(&self) -> serde_json::Value {
+        let mut body = json!({"kind": self.kind, "message": self.message});
+        if let Some(secs) = self.retry_after {
+            body["retryAfterSeconds"] = json!(secs);
+        }
+        body
+    }
+}
+
+/// One image's failure as the CLI prints it and a batch answers it:
+/// `{"image", "error": {"kind", "message"[, "retryAfterSeconds"]}}`.
+pub fn error_json(image: &str, error: &ResolveError) -> serde_json::Value {
+    json!({"image": image, "error": ApiError::from(error).body()})
 }
 
 /// HTTP status for a resolution failure: the client's fault (4xx), the
@@ -75,6 +94,12 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 
 impl From<ResolveError> for ApiError {
     fn from(e: ResolveError) -> Self {
+        Self::from(&e)
+    }
+}
+
+impl From<&ResolveError> for ApiError {
+    fn from(e: &ResolveError) -> Self {
         Self {
             status: status_of(e.kind()),
             kind: e.kind().as_str(),
@@ -86,10 +111,7 @@ impl From<ResolveError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": {"kind": self.kind, "message": self.message}});
-        if let Some(secs) = self.retry_after {
-            body["error"]["retryAfterSeconds"] = json!(secs);
-        }
+        let body = json!({"error": self.body()});
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
@@ -161,7 +183,7 @@ pub async fn resolve_batch(
                 Ok((resolution, cached)) => {
                     serde_json::to_value(Resolved { resolution, cached }).unwrap_or_default()
                 }
-                Err(e) => crate::cli::error_json(image, &e),
+                Err(e) => error_json(image, &e),
             }
         }
     }))

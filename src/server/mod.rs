@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::cache::CachedResolver;
 use crate::metrics::Metrics;
 
-pub use api::status_of;
+pub use api::{ApiError, error_json, status_of};
 
 /// Readiness checks by name; the process is ready when all are.
 #[derive(Debug, Default)]
@@ -106,11 +106,7 @@ async fn mutate(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let error = |status: StatusCode, message: String| {
-        (
-            status,
-            axum::Json(json!({"error": {"kind": "bad-request", "message": message}})),
-        )
-            .into_response()
+        ApiError::new(status, "bad-request", message).into_response()
     };
     let body = match body {
         Ok(b) => b,
@@ -185,11 +181,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(json!({"error": {"kind": "bad-request", "message": "no such route"}})),
-    )
-        .into_response()
+    ApiError::new(StatusCode::NOT_FOUND, "bad-request", "no such route").into_response()
 }
 
 /// Counts every request by matched route (bounded) and status.
@@ -446,13 +438,11 @@ async fn register_until_done(
 ) {
     let mut delay = std::time::Duration::from_millis(500);
     loop {
-        let result = match kube::Client::try_default().await {
+        let result = match crate::registration::kube_client().await {
             Ok(client) => crate::registration::apply(client, &config)
                 .await
                 .map_err(|e| e.to_string()),
-            Err(e) => Err(format!(
-                "no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}"
-            )),
+            Err(e) => Err(e),
         };
         match result {
             Ok(()) => {
@@ -486,10 +476,9 @@ async fn mirror_with_client(
     shutdown: CancellationToken,
 ) {
     let client = loop {
-        match kube::Client::try_default().await {
+        match crate::registration::kube_client().await {
             Ok(client) => break client,
-            Err(e) => {
-                let reason = format!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}");
+            Err(reason) => {
                 warn!(error = %reason, "secret mirror waiting for a Kubernetes client");
                 readiness.set("pull-secret", Err(reason));
                 tokio::select! {
