@@ -10,7 +10,9 @@
 //! Key: normalized reference + platform + credential identity, so two
 //! credentials never share an answer. Value: what the registry said and when.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwapOption;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,8 +23,10 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use futures_util::FutureExt as _;
+
 use crate::registry::{
-    Credential, CredentialId, ImageInfo, ImageRef, Platform, RegistryError, Resolution,
+    CredentialId, ImageInfo, ImageRef, KeyedCredential, Platform, RegistryError, Resolution,
     ResolveError, Resolver,
 };
 
@@ -76,7 +80,7 @@ impl CacheStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    reference: String,
+    reference: Arc<str>,
     platform: Platform,
     credential: Option<CredentialId>,
 }
@@ -136,11 +140,37 @@ impl Expiry<Key, Arc<Entry>> for Lifetimes {
     }
 }
 
+/// An image string as parsed once: the oci-spec grammar is a regex whose
+/// backtracking search dominated a cache hit (about a third of a webhook
+/// review's instructions under callgrind), so hits look the parse up instead.
+///
+/// It also keeps the last answer built for this string from the default
+/// platform's entry: a hit on the same entry hands out that answer again
+/// instead of formatting a new one (the pinned reference, the platform...).
+#[derive(Debug)]
+struct Parsed {
+    reference: ImageRef,
+    normalized: Arc<str>,
+    last: ArcSwapOption<Built>,
+}
+
+/// An answer built from one cache entry; valid while that entry is current
+/// (a refreshed or replaced entry is a new allocation, so `from` no longer
+/// points at it).
+#[derive(Debug)]
+struct Built {
+    from: Weak<Entry>,
+    resolution: Arc<Resolution>,
+    status: CacheStatus,
+}
+
 /// A [`Resolver`] with the shared cache in front. Cheap to clone.
 #[derive(Clone)]
 pub struct CachedResolver {
     resolver: Arc<Resolver>,
     cache: Cache<Key, Arc<Entry>>,
+    /// Image string as written → its parse. Bounded like the answers.
+    parsed: moka::sync::Cache<Box<str>, Arc<Parsed>>,
     settings: CacheSettings,
     metrics: Arc<Metrics>,
 }
@@ -167,11 +197,129 @@ impl CachedResolver {
                 }
             })
             .build();
+        let parsed = moka::sync::Cache::new(settings.capacity);
         Self {
             resolver,
             cache,
+            parsed,
             settings,
             metrics,
+        }
+    }
+
+    fn parse(&self, image: &str) -> Result<Arc<Parsed>, ResolveError> {
+        if let Some(parsed) = self.parsed.get(image) {
+            return Ok(parsed);
+        }
+        // Invalid strings are not remembered: they must not take the room
+        // of valid ones, and their error is cheap to find again.
+        let reference = self.resolver.parse(image)?;
+        let parsed = Arc::new(Parsed {
+            normalized: reference.to_string().into(),
+            reference,
+            last: ArcSwapOption::empty(),
+        });
+        self.parsed.insert(image.into(), parsed.clone());
+        Ok(parsed)
+    }
+
+    fn key(
+        &self,
+        parsed: &Parsed,
+        platform: &Platform,
+        credential: Option<&KeyedCredential>,
+    ) -> Key {
+        Key {
+            reference: parsed.normalized.clone(),
+            platform: platform.clone(),
+            credential: credential.map(|c| c.id),
+        }
+    }
+
+    /// The answer for `image` if the cache can give it without waiting for
+    /// the registry (fresh or stale-but-servable, or a remembered failure);
+    /// `None` when a fetch is needed. Lets the webhook answer cache hits on
+    /// its own task instead of spawning one per image.
+    pub fn resolve_cached(
+        &self,
+        image: &str,
+    ) -> Option<Result<(Arc<Resolution>, CacheStatus), ResolveError>> {
+        let parsed = match self.parse(image) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let platform = self.resolver.default_platform();
+        let credential = self.resolver.credential_for(&parsed.reference);
+        let key = self.key(&parsed, platform, credential.as_deref());
+        // moka's `get` does not wait on loads; it is async only in signature.
+        let entry = self.cache.get(&key).now_or_never().flatten()?;
+        let answer = self.serve(key, &entry, &parsed.reference, credential.as_ref())?;
+        let (info, status) = match answer {
+            Ok(found) => found,
+            Err(source) => {
+                return Some(Err(ResolveError::Registry {
+                    image: image.to_string(),
+                    source,
+                }));
+            }
+        };
+        if let Some(built) = &*parsed.last.load()
+            && built.status == status
+            && std::ptr::eq(built.from.as_ptr(), Arc::as_ptr(&entry))
+        {
+            return Some(Ok((built.resolution.clone(), status)));
+        }
+        let resolution =
+            Arc::new(self.resolution(image, &parsed, &info, platform, credential.as_ref()));
+        parsed.last.store(Some(Arc::new(Built {
+            from: Arc::downgrade(&entry),
+            resolution: resolution.clone(),
+            status,
+        })));
+        Some(Ok((resolution, status)))
+    }
+
+    fn resolution(
+        &self,
+        image: &str,
+        parsed: &Parsed,
+        info: &ImageInfo,
+        platform: &Platform,
+        credential: Option<&Arc<KeyedCredential>>,
+    ) -> Resolution {
+        Resolution::new(
+            image,
+            &parsed.reference,
+            info,
+            platform,
+            self.resolver.pull_secret_for(credential),
+        )
+    }
+
+    /// What a cached entry gives: `None` when it is too stale to serve.
+    fn serve(
+        &self,
+        key: Key,
+        entry: &Arc<Entry>,
+        reference: &ImageRef,
+        credential: Option<&Arc<KeyedCredential>>,
+    ) -> Option<Result<(ImageInfo, CacheStatus), RegistryError>> {
+        let age = entry.fetched_at.elapsed();
+        match &entry.outcome {
+            Err(e) => {
+                self.metrics.cache_lookup("negative");
+                Some(Err(e.clone()))
+            }
+            Ok(info) if entry.pinned || age < self.settings.tag_ttl => {
+                self.metrics.cache_lookup("hit");
+                Some(Ok((info.clone(), CacheStatus::Hit)))
+            }
+            Ok(info) if age < self.settings.tag_ttl + self.settings.max_stale => {
+                self.metrics.cache_lookup("stale");
+                self.revalidate_in_background(key, entry.clone(), reference, credential);
+                Some(Ok((info.clone(), CacheStatus::Stale)))
+            }
+            Ok(_) => None,
         }
     }
 
@@ -189,60 +337,39 @@ impl CachedResolver {
         image: &str,
         platform: Option<&Platform>,
     ) -> Result<(Resolution, CacheStatus), ResolveError> {
-        let reference = self.resolver.parse(image)?;
-        let platform = platform.unwrap_or(self.resolver.default_platform()).clone();
-        let credential = self.resolver.credential_for(&reference);
+        let parsed = self.parse(image)?;
+        let platform = platform.unwrap_or(self.resolver.default_platform());
+        let credential = self.resolver.credential_for(&parsed.reference);
         let (info, status) = self
-            .lookup(&reference, &platform, credential.as_ref())
+            .lookup(&parsed, platform, credential.as_ref())
             .await
             .map_err(|source| ResolveError::Registry {
                 image: image.to_string(),
                 source,
             })?;
-        let resolution = Resolution::new(
-            image,
-            &reference,
-            &info,
-            &platform,
-            self.resolver.pull_secret_for(credential.as_ref()),
-        );
+        let resolution = self.resolution(image, &parsed, &info, platform, credential.as_ref());
         Ok((resolution, status))
     }
 
     async fn lookup(
         &self,
-        reference: &ImageRef,
+        parsed: &Parsed,
         platform: &Platform,
-        credential: Option<&Credential>,
+        credential: Option<&Arc<KeyedCredential>>,
     ) -> Result<(ImageInfo, CacheStatus), RegistryError> {
-        let key = Key {
-            reference: reference.to_string(),
-            platform: platform.clone(),
-            credential: credential.map(Credential::identity),
-        };
+        let reference = &parsed.reference;
+        let key = self.key(parsed, platform, credential.map(|c| &**c));
         if let Some(entry) = self.cache.get(&key).await {
-            let age = entry.fetched_at.elapsed();
-            match &entry.outcome {
-                Err(e) => {
-                    self.metrics.cache_lookup("negative");
-                    return Err(e.clone());
-                }
-                Ok(info) if entry.pinned || age < self.settings.tag_ttl => {
-                    self.metrics.cache_lookup("hit");
-                    return Ok((info.clone(), CacheStatus::Hit));
-                }
-                Ok(info) if age < self.settings.tag_ttl + self.settings.max_stale => {
-                    self.metrics.cache_lookup("stale");
-                    self.revalidate_in_background(key, entry.clone(), reference, credential);
-                    return Ok((info.clone(), CacheStatus::Stale));
-                }
+            match self.serve(key.clone(), &entry, reference, credential) {
+                Some(answer) => return answer,
                 // Too stale to serve: fetch like a miss.
-                Ok(_) => self.cache.invalidate(&key).await,
+                None => self.cache.invalidate(&key).await,
             }
         }
         self.metrics.cache_lookup("miss");
         let pinned = reference.digest().is_some();
         let resolver = self.resolver.clone();
+        let credential = credential.map(|c| &c.credential);
         let loaded = self
             .cache
             .try_get_with(key, async move {
@@ -272,7 +399,7 @@ impl CachedResolver {
         key: Key,
         entry: Arc<Entry>,
         reference: &ImageRef,
-        credential: Option<&Credential>,
+        credential: Option<&Arc<KeyedCredential>>,
     ) {
         if entry.revalidating.swap(true, Ordering::AcqRel) {
             return;
@@ -282,7 +409,7 @@ impl CachedResolver {
         let credential = credential.cloned();
         tokio::spawn(async move {
             let Ok(old) = &entry.outcome else { return };
-            let credential = credential.as_ref();
+            let credential = credential.as_deref().map(|c| &c.credential);
             let outcome = match this.resolver.current_digest(&reference, credential).await {
                 Ok(Some(digest)) if digest == old.digest => {
                     debug!(image = %reference, "tag unchanged");

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{debug, info, warn};
 
+use self::mutate::Pod;
 use crate::cache::{CacheStatus, CachedResolver};
 use crate::registry::{Resolution, ResolveError};
 use crate::secrets::MirrorStatus;
@@ -274,31 +274,53 @@ impl Admitter {
             .filter_map(|c| c.image.clone())
             .filter(|i| !i.is_empty())
             .collect();
-        // Resolutions run as tasks: one that misses the deadline still
-        // finishes and fills the cache for the API server's retry.
-        let tasks: Vec<_> = images
-            .iter()
-            .map(|image| {
-                let cache = self.cache.clone();
-                let image = image.clone();
-                tokio::spawn(async move { cache.resolve(&image, None).await })
-            })
-            .collect();
-        let results = tokio::time::timeout(budget, futures_util::future::join_all(tasks)).await;
-        let Ok(results) = results else {
-            return self.transient(
-                uid,
-                format!(
-                    "image resolution did not finish within the {}ms admission budget",
-                    budget.as_millis()
-                ),
-            );
-        };
-        let mut resolved: HashMap<String, Resolution> = HashMap::new();
+        // Cache hits are answered here. Misses run as tasks: one that misses
+        // the deadline still finishes and fills the cache for the API
+        // server's retry.
+        let mut outcomes = Vec::with_capacity(images.len());
+        let mut pending = Vec::new();
+        for image in &images {
+            match self.cache.resolve_cached(image) {
+                Some(outcome) => outcomes.push((image, outcome)),
+                None => {
+                    let cache = self.cache.clone();
+                    let owned = image.clone();
+                    let task = tokio::spawn(async move {
+                        let (resolution, status) = cache.resolve(&owned, None).await?;
+                        Ok((Arc::new(resolution), status))
+                    });
+                    pending.push((image, task));
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let (names, tasks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+            let joined = tokio::time::timeout(budget, futures_util::future::join_all(tasks)).await;
+            let Ok(joined) = joined else {
+                return self.transient(
+                    uid,
+                    format!(
+                        "image resolution did not finish within the {}ms admission budget",
+                        budget.as_millis()
+                    ),
+                );
+            };
+            for (image, result) in names.into_iter().zip(joined) {
+                match result {
+                    Ok(outcome) => outcomes.push((image, outcome)),
+                    Err(join) => {
+                        return self.transient(uid, format!("resolving {image} failed: {join}"));
+                    }
+                }
+            }
+            // The first failing image in name order decides, as before.
+            outcomes.sort_by(|a, b| a.0.cmp(b.0));
+        }
+        let mut resolved: HashMap<String, Arc<Resolution>> = HashMap::new();
         let mut warnings = Vec::new();
-        for (image, result) in images.iter().zip(results) {
-            match result {
-                Ok(Ok((resolution, status))) => {
+        for (image, outcome) in outcomes {
+            match outcome {
+                Ok((resolution, status)) => {
                     if status == CacheStatus::Stale {
                         warnings.push(format!(
                             "{image}: pinned from a cached answer that could not be revalidated yet"
@@ -306,13 +328,10 @@ impl Admitter {
                     }
                     resolved.insert(image.clone(), resolution);
                 }
-                Ok(Err(e)) if e.kind().is_definitive() => {
+                Err(e) if e.kind().is_definitive() => {
                     return ReviewResponse::deny(uid, deny_code(&e), e.to_string());
                 }
-                Ok(Err(e)) => return self.transient(uid, e.to_string()),
-                Err(join) => {
-                    return self.transient(uid, format!("resolving {image} failed: {join}"));
-                }
+                Err(e) => return self.transient(uid, e.to_string()),
             }
         }
         // Seed: "pod creation fails if secret required but unavailable".
@@ -333,7 +352,7 @@ impl Admitter {
                 ),
             );
         }
-        let lookup = |image: &str| resolved.get(image).cloned();
+        let lookup = |image: &str| resolved.get(image).map(|r| &**r);
         let mutation = match mutate::plan(pod, &lookup, Some(&self.settings.pull_secret)) {
             Ok(m) => m,
             Err(e) => return ReviewResponse::deny(uid, 400, e.to_string()),

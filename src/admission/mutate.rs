@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::{Container, Pod};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::registry::Resolution;
@@ -32,6 +32,59 @@ pub enum MutationError {
     NothingToRun { container: String, image: String },
 }
 
+/// The parts of a Pod the webhook reads; serde skips everything else. Parsing
+/// k8s-openapi's full `Pod` (every field, then dropping it) was the largest
+/// single cost of a cached review under callgrind. The API server validates
+/// the whole object after the mutating webhooks, so leniency about fields we
+/// never read loses nothing.
+#[derive(Debug, Default, Deserialize)]
+pub struct Pod {
+    #[serde(default)]
+    pub metadata: PodMeta,
+    #[serde(default)]
+    pub spec: Option<PodSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMeta {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub generate_name: Option<String>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub containers: Vec<Container>,
+    #[serde(default)]
+    pub init_containers: Option<Vec<Container>>,
+    #[serde(default)]
+    pub image_pull_secrets: Option<Vec<SecretRef>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SecretRef {
+    #[serde(default)]
+    pub name: String,
+}
+
 /// What was decided for a pod.
 #[derive(Debug, Default)]
 pub struct Mutation {
@@ -50,9 +103,9 @@ fn add(tokens: &[&str], value: Value) -> PatchOperation {
 
 /// Plans the patch for `pod`. `resolved` maps each image string found in the
 /// pod to its resolution; images missing from it are left alone.
-pub fn plan(
+pub fn plan<'r>(
     pod: &Pod,
-    resolved: &dyn Fn(&str) -> Option<Resolution>,
+    resolved: &dyn Fn(&str) -> Option<&'r Resolution>,
     pull_secret: Option<&str>,
 ) -> Result<Mutation, MutationError> {
     let mut mutation = Mutation::default();
@@ -227,8 +280,8 @@ mod tests {
         })
     }
 
-    fn lookup(table: Vec<Resolution>) -> impl Fn(&str) -> Option<Resolution> {
-        move |image: &str| table.iter().find(|r| r.image == image).cloned()
+    fn lookup<'t>(table: &'t [Resolution]) -> impl Fn(&str) -> Option<&'t Resolution> + 't {
+        move |image: &str| table.iter().find(|r| r.image == image)
     }
 
     fn apply(pod: &Value, m: &Mutation) -> Value {
@@ -240,7 +293,7 @@ mod tests {
     #[test]
     fn function_pod_is_pinned_filled_and_given_the_secret_and_a_second_pass_changes_nothing() {
         let pod_json = function_pod();
-        let table = lookup(vec![
+        let rows = [
             resolution(
                 "r.example.com/porch/wrapper-server:v4",
                 &["/bin/sh"],
@@ -253,7 +306,8 @@ mod tests {
                 &[],
                 true,
             ),
-        ]);
+        ];
+        let table = lookup(&rows);
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
         let m = plan(&pod, &table, Some("auth-secret")).expect("admitted");
         let out = apply(&pod_json, &m);
@@ -293,7 +347,7 @@ mod tests {
         );
 
         // Idempotent: the patched pod (whose images are now pinned) needs nothing.
-        let table = lookup(vec![
+        let rows = [
             resolution(
                 "r.example.com/porch/wrapper-server:v4",
                 &["/bin/sh"],
@@ -306,15 +360,17 @@ mod tests {
                 &[],
                 true,
             ),
-        ]);
+        ];
         let again: Pod = serde_json::from_value(out.clone()).expect("pod");
-        let pinned_lookup = |image: &str| {
-            let base = image.split('@').next().unwrap_or(image);
-            table(base).map(|mut r| {
-                r.image = image.to_string();
-                r
+        // The second pass sees the pinned images.
+        let pinned_rows: Vec<Resolution> = rows
+            .iter()
+            .map(|r| Resolution {
+                image: r.pinned.clone(),
+                ..r.clone()
             })
-        };
+            .collect();
+        let pinned_lookup = lookup(&pinned_rows);
         let m2 = plan(&again, &pinned_lookup, Some("auth-secret")).expect("admitted");
         assert!(m2.operations.is_empty(), "{:?}", m2.operations);
     }
@@ -326,11 +382,12 @@ mod tests {
             {"name": "b", "image": "r.example.com/y:1", "args": ["--mine"]},
             {"name": "c", "image": "r.example.com/z:1"}
         ], "imagePullSecrets": [{"name": "other"}]}});
-        let table = lookup(vec![
+        let rows = [
             resolution("r.example.com/x:1", &["/x"], &["--default"], false),
             resolution("r.example.com/y:1", &["/y"], &["--default"], true),
             resolution("r.example.com/z:1", &[], &["/z", "run"], false),
-        ]);
+        ];
+        let table = lookup(&rows);
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
         let out = apply(
             &pod_json,
@@ -359,12 +416,13 @@ mod tests {
         let pod_json = json!({"metadata": {"name": "p"}, "spec": {"containers": [
             {"name": "f", "image": "r.example.com/fns/cmd-only:v1", "command": ["/w", "--"]}
         ], "imagePullSecrets": [{"name": "auth-secret"}]}});
-        let table = lookup(vec![resolution(
+        let rows = [resolution(
             "r.example.com/fns/cmd-only:v1",
             &[],
             &["/bin/fn", "--serve"],
             true,
-        )]);
+        )];
+        let table = lookup(&rows);
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
         let m = plan(&pod, &table, Some("auth-secret")).expect("admitted");
         assert!(!m.pull_secret_added);
@@ -385,7 +443,8 @@ mod tests {
         let pod_json = json!({"metadata": {}, "spec": {"containers": [{"name": "f", "image": image, "args": ["--"]}]}});
         let mut r = resolution("r.example.com/fns/x", &["/fn"], &[], false);
         r.image = image.clone();
-        let table = lookup(vec![r]);
+        let rows = [r];
+        let table = lookup(&rows);
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
         let m = plan(&pod, &table, None).expect("admitted");
         let out = apply(&pod_json, &m);
@@ -396,12 +455,8 @@ mod tests {
 
     #[test]
     fn nothing_to_run_is_an_error_naming_container_and_image() {
-        let table = lookup(vec![resolution(
-            "r.example.com/fns/empty:v1",
-            &[],
-            &[],
-            false,
-        )]);
+        let rows = [resolution("r.example.com/fns/empty:v1", &[], &[], false)];
+        let table = lookup(&rows);
         for pod_json in [
             json!({"spec": {"containers": [{"name": "f", "image": "r.example.com/fns/empty:v1", "args": ["--"]}]}}),
             json!({"spec": {"containers": [{"name": "f", "image": "r.example.com/fns/empty:v1"}]}}),

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -100,6 +100,21 @@ impl Credential {
     }
 }
 
+/// A credential as configured, with its identity computed once at load: a
+/// cache hit looks it up by host and must not hash the secret every time.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyedCredential {
+    pub credential: Credential,
+    pub id: CredentialId,
+}
+
+impl KeyedCredential {
+    pub fn new(credential: Credential) -> Self {
+        let id = credential.identity();
+        Self { credential, id }
+    }
+}
+
 /// Hash of a credential (see [`Credential::identity`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CredentialId([u8; 16]);
@@ -161,7 +176,7 @@ struct RawAuth {
 /// The `auths` of a Docker config, keyed by normalized registry host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DockerConfig {
-    auths: HashMap<String, Credential>,
+    auths: HashMap<String, Arc<KeyedCredential>>,
     /// The config names credential helpers, which we deliberately never run.
     pub ignored_helpers: bool,
 }
@@ -222,7 +237,10 @@ impl DockerConfig {
                 // An entry without secrets (e.g. left by a credential helper) gives nothing.
                 (None, None) => continue,
             };
-            auths.insert(normalize_host(&key), credential);
+            auths.insert(
+                normalize_host(&key),
+                Arc::new(KeyedCredential::new(credential)),
+            );
         }
         Ok(Self {
             auths,
@@ -232,12 +250,17 @@ impl DockerConfig {
 
     /// Credentials for a normalized registry host, if the config has any.
     pub fn get(&self, registry: &str) -> Option<&Credential> {
-        self.auths.get(registry)
+        self.auths.get(registry).map(|k| &k.credential)
+    }
+
+    /// The same, shared, with its identity.
+    pub fn get_keyed(&self, registry: &str) -> Option<Arc<KeyedCredential>> {
+        self.auths.get(registry).cloned()
     }
 
     /// Identities of every configured credential.
     pub fn identities(&self) -> Vec<CredentialId> {
-        self.auths.values().map(Credential::identity).collect()
+        self.auths.values().map(|k| k.id).collect()
     }
 
     pub fn registries(&self) -> impl Iterator<Item = &str> {

@@ -9,13 +9,15 @@ pub mod tls;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use serde::Serialize;
 use tracing::{info, warn};
 
-pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError};
+pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential};
 use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
 pub use self::error::{ErrorKind, RegistryError, ResolveError};
 use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};
@@ -126,7 +128,8 @@ impl Resolution {
 #[derive(Debug)]
 pub struct Credentials {
     path: Option<PathBuf>,
-    current: RwLock<Arc<DockerConfig>>,
+    /// Read on every resolve, replaced whole on reload.
+    current: ArcSwap<DockerConfig>,
 }
 
 impl Credentials {
@@ -134,7 +137,7 @@ impl Credentials {
     pub fn none() -> Self {
         Self {
             path: None,
-            current: RwLock::new(Arc::new(DockerConfig::default())),
+            current: ArcSwap::from_pointee(DockerConfig::default()),
         }
     }
 
@@ -143,15 +146,12 @@ impl Credentials {
         warn_about(&config, &path);
         Ok(Self {
             path: Some(path),
-            current: RwLock::new(Arc::new(config)),
+            current: ArcSwap::from_pointee(config),
         })
     }
 
     pub fn current(&self) -> Arc<DockerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.current.load_full()
     }
 
     /// Re-reads the file. A broken file keeps the last good config in use.
@@ -161,16 +161,13 @@ impl Credentials {
             return Ok(false);
         };
         let config = DockerConfig::load(path)?;
-        let mut current = self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if **current == config {
+        // Only the watcher task reloads, so compare-then-store does not race.
+        if **self.current.load() == config {
             return Ok(false);
         }
         warn_about(&config, path);
         info!(path = %path.display(), registries = config.registries().count(), "Docker config reloaded");
-        *current = Arc::new(config);
+        self.current.store(Arc::new(config));
         Ok(true)
     }
 }
@@ -269,23 +266,28 @@ impl Resolver {
     /// Is the image from the default function catalog? Seed: those always use
     /// default (anonymous) access and need no pull secret.
     pub fn is_default_catalog(&self, reference: &ImageRef) -> bool {
-        !self.default_prefix.is_empty()
-            && format!("{}/", reference.name()).starts_with(&self.default_prefix)
+        // `default_prefix` ends in '/': the name is the prefix's repository
+        // or below it. No allocation: this runs on every cache hit.
+        let prefix = self.default_prefix.trim_end_matches('/');
+        let name = reference.name();
+        !prefix.is_empty()
+            && name.starts_with(prefix)
+            && matches!(name.as_bytes().get(prefix.len()), None | Some(b'/'))
     }
 
     /// The credential to use for `reference`, per the seed's decision tree.
-    pub fn credential_for(&self, reference: &ImageRef) -> Option<Credential> {
+    pub fn credential_for(&self, reference: &ImageRef) -> Option<Arc<KeyedCredential>> {
         if !self.private_registries || self.is_default_catalog(reference) {
             return None;
         }
         self.credentials
-            .current()
-            .get(reference.registry())
-            .cloned()
+            .current
+            .load()
+            .get_keyed(reference.registry())
     }
 
     /// The pull secret a pod needs for this image, if any.
-    pub fn pull_secret_for(&self, credential: Option<&Credential>) -> Option<&str> {
+    pub fn pull_secret_for<C>(&self, credential: Option<C>) -> Option<&str> {
         credential.map(|_| self.pull_secret_name.as_str())
     }
 
@@ -299,7 +301,11 @@ impl Resolver {
         let platform = platform.unwrap_or(&self.platform);
         let credential = self.credential_for(&reference);
         let info = self
-            .fetch(&reference, platform, credential.as_ref())
+            .fetch(
+                &reference,
+                platform,
+                credential.as_deref().map(|k| &k.credential),
+            )
             .await
             .map_err(|source| ResolveError::Registry {
                 image: image.to_string(),

@@ -351,3 +351,61 @@ async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     shutdown.cancel();
     drop(Arc::clone(cache.resolver()));
 }
+
+#[tokio::test]
+async fn the_no_wait_path_agrees_with_the_full_one_and_follows_a_moved_tag() {
+    let env = PlainEnv::start().await;
+    let (cache, _) = cached(&env.settings(), short_ttl());
+    let tag = env.image("fns/set-namespace:v0.4");
+    assert!(
+        cache.resolve_cached(&tag).is_none(),
+        "nothing cached yet: the caller must fetch"
+    );
+    assert_eq!(env.proxy.total(), 0, "the no-wait path never fetches");
+    match cache.resolve_cached("Not A Reference") {
+        Some(Err(e)) => assert_eq!(e.kind(), ErrorKind::InvalidReference),
+        other => panic!("expected an invalid-reference error, got {other:?}"),
+    }
+
+    let (full, _) = cache.resolve(&tag, None).await.expect("miss");
+    let (first, status) = cache.resolve_cached(&tag).expect("cached").expect("answer");
+    assert_eq!(status, CacheStatus::Hit);
+    assert_eq!(*first, full);
+    let (again, _) = cache.resolve_cached(&tag).expect("cached").expect("answer");
+    assert!(Arc::ptr_eq(&first, &again), "a hit reuses the built answer");
+
+    let moved = image(
+        "set-namespace v3",
+        Some(&["/moved"]),
+        None,
+        "linux/amd64",
+        false,
+    );
+    Pusher::new(env.registry.url(), reqwest::Client::new())
+        .image("fns/set-namespace", "v0.4", &moved)
+        .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (stale, status) = cache
+        .resolve_cached(&tag)
+        .expect("still servable")
+        .expect("answer");
+    assert_eq!(status, CacheStatus::Stale);
+    assert_eq!(stale.digest, first.digest);
+    let mut latest = stale;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        latest = cache
+            .resolve_cached(&tag)
+            .expect("cached")
+            .expect("answer")
+            .0;
+        if latest.digest != first.digest {
+            break;
+        }
+    }
+    assert_eq!(
+        latest.digest, moved.digest,
+        "the refreshed entry is not hidden by the reused answer"
+    );
+    assert_eq!(latest.entrypoint, vec!["/moved"]);
+}
