@@ -48,6 +48,7 @@ async fn main() {
         insecure_hosts: vec![proxy.host.clone()],
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
+        max_concurrent_fetches: 32,
     };
     let metrics = Metrics::new();
     let resolver =

@@ -100,6 +100,18 @@ pub struct RegistryArgs {
     #[arg(long, env = "FN_IMAGE_RESOLVER_REGISTRY_TIMEOUT", default_value = "15s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub registry_timeout: Duration,
+
+    /// Most image resolutions talking to registries at once, across all
+    /// callers; the rest wait their turn (within their own deadline). Keeps a
+    /// burst of new images from opening hundreds of registry connections.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_MAX_CONCURRENT_FETCHES",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N"
+    )]
+    pub max_concurrent_fetches: u32,
 }
 
 impl RegistryArgs {
@@ -116,6 +128,7 @@ impl RegistryArgs {
             insecure_hosts: self.insecure_registries.clone(),
             request_timeout: self.registry_timeout,
             resolve_timeout: self.registry_timeout,
+            max_concurrent_fetches: self.max_concurrent_fetches as usize,
         }
     }
 }
@@ -188,6 +201,28 @@ pub struct ServerArgs {
     #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_TIMEOUT", default_value = "20s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
+
+    /// Both listeners: how long a client may take to finish the TLS handshake
+    /// and send a request's headers before the connection is closed.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+
+    /// Both listeners: the longest a request may take once its headers are in
+    /// (body upload and answer) before it is answered 408.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_REQUEST_TIMEOUT", default_value = "30s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub request_timeout: Duration,
+}
+
+impl ServerArgs {
+    pub fn limits(&self) -> crate::server::HttpLimits {
+        crate::server::HttpLimits {
+            header_read_timeout: self.header_read_timeout,
+            request_timeout: self.request_timeout,
+            drain: self.shutdown_timeout,
+        }
+    }
 }
 
 /// The admission webhook listener of `serve`.

@@ -42,6 +42,8 @@ pub struct ResolverSettings {
     pub request_timeout: Duration,
     /// Limit for a whole resolution (all its requests).
     pub resolve_timeout: Duration,
+    /// Most resolutions (or revalidations) in flight at once.
+    pub max_concurrent_fetches: usize,
 }
 
 /// Configuration problems found at startup; each names the file or flag.
@@ -188,6 +190,8 @@ pub struct Resolver {
     private_registries: bool,
     pull_secret_name: String,
     resolve_timeout: Duration,
+    /// One permit per resolution talking to a registry.
+    fetches: tokio::sync::Semaphore,
 }
 
 impl Resolver {
@@ -245,6 +249,7 @@ impl Resolver {
             private_registries: settings.private_registries,
             pull_secret_name: settings.pull_secret_name.clone(),
             resolve_timeout: settings.resolve_timeout,
+            fetches: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
         })
     }
 
@@ -350,12 +355,19 @@ impl Resolver {
     }
 
     /// Runs `work` within the resolve timeout; running out is a Timeout.
+    /// Runs `work` once a fetch permit is free; waiting for it counts
+    /// against the same deadline.
     async fn within_deadline<T>(
         &self,
         reference: &ImageRef,
         work: impl std::future::Future<Output = Result<T, RegistryError>>,
     ) -> Result<T, RegistryError> {
-        tokio::time::timeout(self.resolve_timeout, work)
+        let limited = async {
+            // The semaphore is never closed, so acquire cannot fail.
+            let _permit = self.fetches.acquire().await;
+            work.await
+        };
+        tokio::time::timeout(self.resolve_timeout, limited)
             .await
             .unwrap_or_else(|_| {
                 Err(RegistryError::Timeout {

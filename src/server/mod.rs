@@ -9,7 +9,7 @@ mod watch;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -244,23 +244,91 @@ pub enum ServeError {
     },
 }
 
+/// Time limits every listener puts on its clients, so a slow or stalled
+/// client cannot hold a connection (and its memory) forever.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// From connection (or the TLS handshake's end) to the end of a
+    /// request's headers; also bounds the TLS handshake itself.
+    pub header_read_timeout: Duration,
+    /// For a whole request once its headers are in: body upload and answer.
+    pub request_timeout: Duration,
+    /// After shutdown, how long in-flight requests may still take.
+    pub drain: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            drain: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Answers 408 when a request (body included) takes longer than allowed.
+/// Resolutions it started keep running and fill the cache.
+fn with_request_timeout(app: Router, limit: Duration) -> Router {
+    app.layer(middleware::from_fn(
+        move |request: Request, next: Next| async move {
+            match tokio::time::timeout(limit, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request took longer than {}ms (body upload included)",
+                        limit.as_millis()
+                    ),
+                )
+                .into_response(),
+            }
+        },
+    ))
+}
+
+/// Stops `server` gracefully when `shutdown` fires, draining for `drain`.
+fn drain_on<Acc>(
+    server: axum_server::Server<SocketAddr, Acc>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> axum_server::Server<SocketAddr, Acc> {
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stopper.graceful_shutdown(Some(drain));
+    });
+    server.handle(handle)
+}
+
+fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+}
+
 /// Serves `app` in plain HTTP on a loopback `addr` until `shutdown` fires,
-/// then lets in-flight requests finish.
+/// then lets in-flight requests finish (for at most `limits.drain`).
 pub async fn serve_loopback(
     addr: SocketAddr,
     app: Router,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if !addr.ip().is_loopback() {
         return Err(ServeError::NotLoopback(addr));
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = bind_std(addr)?;
     let local = listener.local_addr().unwrap_or(addr);
+    let mut server =
+        axum_server::from_tcp(listener).map_err(|source| ServeError::Bind { addr, source })?;
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(limits.header_read_timeout);
     info!(addr = %local, "resolver endpoint listening (plain HTTP, loopback)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    drain_on(server, shutdown, limits.drain)
+        .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await
         .map_err(|source| ServeError::Serve { addr, source })
 }
@@ -268,25 +336,28 @@ pub async fn serve_loopback(
 pub use watch::watch_credentials;
 
 /// Serves `app` over HTTPS (certificates from `cert`, hot-reloaded) until
-/// `shutdown`, then drains for at most `drain`.
+/// `shutdown`, then drains for at most `limits.drain`.
 pub async fn serve_tls(
     addr: SocketAddr,
     app: Router,
     cert: Arc<tls::ReloadingCert>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
-    drain: std::time::Duration,
 ) -> Result<(), ServeError> {
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        stopper.graceful_shutdown(Some(drain));
-    });
     let config = axum_server::tls_rustls::RustlsConfig::from_config(cert.server_config());
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+        .handshake_timeout(limits.header_read_timeout);
+    let listener = bind_std(addr)?;
+    let mut server = axum_server::from_tcp(listener)
+        .map_err(|source| ServeError::Bind { addr, source })?
+        .acceptor(acceptor);
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(limits.header_read_timeout);
     info!(addr = %addr, "webhook listening (HTTPS)");
-    axum_server::bind_rustls(addr, config)
-        .handle(handle)
-        .serve(app.into_make_service())
+    drain_on(server, shutdown, limits.drain)
+        .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await
         .map_err(|source| ServeError::Serve { addr, source })
 }
@@ -329,6 +400,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
         readiness,
         max_batch: args.server.max_batch,
     });
+    let limits = args.server.limits();
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     if settings.private_registries {
@@ -351,8 +423,8 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
             args.webhook.listen,
             webhook_router(state.clone(), tokens),
             cert.clone(),
+            limits,
             shutdown.clone(),
-            args.server.shutdown_timeout,
         );
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -396,6 +468,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(serve_loopback(
         args.server.resolver_listen,
         router(state),
+        limits,
         shutdown.clone(),
     ));
     tokio::pin!(server);

@@ -2,6 +2,7 @@
 //! inject faults (status codes, delays), so tests can assert exactly how many
 //! round trips a resolve costs and how failures are handled.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ struct Shared {
     fault: Mutex<(Fault, Option<Kind>)>,
     /// Added before every request of the fault's kind, whatever the fault.
     delay: Mutex<Duration>,
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
 }
 
 /// Handle to a running proxy.
@@ -85,6 +88,8 @@ impl Proxy {
             seen: Mutex::new(Vec::new()),
             fault: Mutex::new((Fault::None, None)),
             delay: Mutex::new(Duration::ZERO),
+            in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -117,6 +122,12 @@ impl Proxy {
 
     pub fn reset(&self) {
         self.shared.seen.lock().expect("seen").clear();
+        self.shared.peak_in_flight.store(0, Ordering::SeqCst);
+    }
+
+    /// The most requests that were inside the proxy at once (since reset).
+    pub fn peak_in_flight(&self) -> usize {
+        self.shared.peak_in_flight.load(Ordering::SeqCst)
     }
 
     pub fn count(&self, method: &str, kind: Kind) -> usize {
@@ -131,7 +142,25 @@ impl Proxy {
     }
 }
 
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let _in_flight = InFlight::enter(&shared);
     let method = request.method().clone();
     let path_and_query = request
         .uri()

@@ -7,6 +7,7 @@ mod common;
 mod cache;
 mod cli;
 mod e2e;
+mod hardening;
 mod mirror;
 pub mod resolve_auth;
 mod resolve_plain;
@@ -42,6 +43,7 @@ pub fn settings() -> ResolverSettings {
         insecure_hosts: Vec::new(),
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
+        max_concurrent_fetches: 32,
     }
 }
 
@@ -141,6 +143,7 @@ impl Endpoint {
         tokio::spawn(fn_image_resolver::server::serve_loopback(
             addr,
             fn_image_resolver::server::router(state),
+            fn_image_resolver::server::HttpLimits::default(),
             shutdown.clone(),
         ));
         for _ in 0..200 {

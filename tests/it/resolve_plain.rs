@@ -271,3 +271,38 @@ async fn plain_http_is_only_used_for_insecure_hosts() {
     assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
     assert_eq!(env.proxy.total(), 0, "nothing was sent in the clear");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_images_keeps_registry_requests_within_the_fetch_limit() {
+    let env = PlainEnv::start().await;
+    let pusher = crate::common::oci::Pusher::new(env.registry.url(), reqwest::Client::new());
+    let tags: Vec<String> = (0..12).map(|i| format!("burst-{i}")).collect();
+    for tag in &tags {
+        pusher
+            .image("fns/burst", tag, &env.samples.entrypoint)
+            .await;
+    }
+    let mut settings = env.settings();
+    settings.max_concurrent_fetches = 3;
+    let r = std::sync::Arc::new(resolver(&settings));
+    env.proxy.reset();
+    env.proxy.set_delay(std::time::Duration::from_millis(200));
+    let all = tags.iter().map(|tag| {
+        let r = r.clone();
+        let image = env.image(&format!("fns/burst:{tag}"));
+        async move { r.resolve(&image, None).await }
+    });
+    let results = futures_util::future::join_all(all).await;
+    for result in &results {
+        assert_eq!(
+            result.as_ref().expect("every image resolves").digest,
+            env.samples.entrypoint.digest
+        );
+    }
+    assert_eq!(env.proxy.total(), 24, "a manifest and a config per image");
+    let peak = env.proxy.peak_in_flight();
+    assert!(
+        (1..=3).contains(&peak),
+        "{peak} registry requests were in flight at once, over the limit of 3"
+    );
+}

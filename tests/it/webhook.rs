@@ -77,8 +77,11 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
         addr,
         fn_image_resolver::server::webhook_router(state, Some(tokens)),
         cert,
+        fn_image_resolver::server::HttpLimits {
+            drain: Duration::from_secs(5),
+            ..Default::default()
+        },
         shutdown.clone(),
-        Duration::from_secs(5),
     ));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

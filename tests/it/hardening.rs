@@ -1,0 +1,237 @@
+//! The `serve` binary against hostile or unlucky clients: stalled TLS
+//! handshakes, headers that never end, bodies that never arrive, and a
+//! SIGTERM in the middle of a burst of admission reviews.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::PlainEnv;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
+const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
+
+/// A `serve` process with both listeners; killed on drop.
+struct Served {
+    child: tokio::process::Child,
+    webhook: u16,
+    resolver: u16,
+    ca: String,
+    _certs: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Served {
+    async fn start(env: &PlainEnv, extra: &[&str]) -> Self {
+        let certs = tempfile::tempdir().expect("tempdir");
+        fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
+            .expect("certs");
+        let webhook = crate::common::free_port();
+        let resolver = crate::common::free_port();
+        let child = tokio::process::Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{webhook}")])
+            .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
+            .arg(format!(
+                "--tls-cert-file={}",
+                certs.path().join("tls.crt").display()
+            ))
+            .arg(format!(
+                "--tls-key-file={}",
+                certs.path().join("tls.key").display()
+            ))
+            .args(["--insecure-registry", &env.proxy.host])
+            .args(extra)
+            .env("FN_IMAGE_RESOLVER_LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start serve");
+        let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
+        let served = Self {
+            child,
+            webhook,
+            resolver,
+            ca,
+            _certs: certs,
+        };
+        let ready = format!("http://127.0.0.1:{resolver}/readyz");
+        for _ in 0..300 {
+            if reqwest::get(&ready)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return served;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("serve did not become ready");
+    }
+
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).expect("ca"))
+            .tls_built_in_root_certs(false)
+            .build()
+            .expect("client")
+    }
+
+    async fn stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut text).await;
+        }
+        text
+    }
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+/// Bounded at 5 s, far above the limits the tests set (at most 1 s) and
+/// below the 10 s defaults, so a limit that is not applied fails the test.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a stalled connection open");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
+    let env = PlainEnv::start().await;
+    let served = Served::start(
+        &env,
+        &["--header-read-timeout=300ms", "--request-timeout=1s"],
+    )
+    .await;
+
+    // A TLS client that connects and never says hello.
+    let mut silent = TcpStream::connect(("127.0.0.1", served.webhook))
+        .await
+        .expect("connect");
+    until_closed(&mut silent).await;
+
+    // Headers that never end, on the plain listener.
+    let mut slow = TcpStream::connect(("127.0.0.1", served.resolver))
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    until_closed(&mut slow).await;
+
+    // A body announced but never sent: answered 408, then closed.
+    let mut stuck = TcpStream::connect(("127.0.0.1", served.resolver))
+        .await
+        .expect("connect");
+    stuck
+        .write_all(
+            b"POST /v1/resolve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"images\":",
+        )
+        .await
+        .expect("write");
+    let answer = until_closed(&mut stuck).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"kind\":\"timeout\""), "{answer}");
+
+    // Meanwhile, and after, well-behaved callers are served.
+    let resp = served
+        .client()
+        .get(format!("https://127.0.0.1:{}/healthz", served.webhook))
+        .send()
+        .await
+        .expect("healthz over TLS");
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = reqwest::get(format!("http://127.0.0.1:{}/healthz", served.resolver))
+        .await
+        .expect("healthz");
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_webhook_load_drains_every_review() {
+    let env = PlainEnv::start().await;
+    let mut served = Served::start(&env, &[]).await;
+    // Cold images behind a slow registry: every review is still resolving
+    // when the signal arrives.
+    env.proxy.set_delay(Duration::from_millis(700));
+    let client = served.client();
+    let url = format!("https://127.0.0.1:{}/mutate?timeout=10s", served.webhook);
+    let body = FIXTURE.replace("{{REGISTRY}}", &env.proxy.host);
+    let reviews: Vec<_> = (0..24)
+        .map(|i| {
+            let mut review: Value = serde_json::from_str(&body).expect("fixture");
+            review["request"]["uid"] = format!("drain-{i}").into();
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let resp = client.post(url).json(&review).send().await?;
+                let status = resp.status().as_u16();
+                let answer: Value = resp.json().await?;
+                Ok::<_, reqwest::Error>((status, answer))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let pid = served.child.id().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    for (i, review) in reviews.into_iter().enumerate() {
+        let (status, answer) = review
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("review {i} was cut off by the shutdown: {e}"));
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["response"]["uid"], format!("drain-{i}"));
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        assert!(
+            answer["response"]["patch"].is_string(),
+            "review {i} was answered without pinning: {answer}"
+        );
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), served.child.wait())
+        .await
+        .expect("exits after draining")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let logs = served.stderr().await;
+    assert!(logs.lines().any(|l| l.contains("\"stopped\"")), "{logs}");
+
+    // A restart is ready again (empty cache) and answers from the registry.
+    env.proxy.set_delay(Duration::ZERO);
+    let restarted = Served::start(&env, &[]).await;
+    let review: Value = serde_json::from_str(&body).expect("fixture");
+    let answer: Value = restarted
+        .client()
+        .post(format!(
+            "https://127.0.0.1:{}/mutate?timeout=10s",
+            restarted.webhook
+        ))
+        .json(&review)
+        .send()
+        .await
+        .expect("review after restart")
+        .json()
+        .await
+        .expect("json");
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
