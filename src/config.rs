@@ -197,6 +197,17 @@ pub struct ServerArgs {
     )]
     pub max_batch: usize,
 
+    /// Registries `/v1/resolve` may be asked about (comma-separated hosts,
+    /// e.g. `ghcr.io,registry.example.com:5000`); others get 403 and are never
+    /// contacted. Empty: any. The webhook is not limited by this.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_RESOLVER_ALLOWED_REGISTRIES",
+        value_delimiter = ',',
+        value_name = "HOST[:PORT]"
+    )]
+    pub resolver_allowed_registries: Vec<String>,
+
     /// After SIGTERM, how long in-flight requests may take before exit.
     #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_TIMEOUT", default_value = "20s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -266,6 +277,24 @@ pub struct WebhookArgs {
         requires = "tls_cert_file"
     )]
     pub resolver_token_file: Option<PathBuf>,
+
+    /// Also serve /v1/resolve on the HTTPS listener to callers whose bearer
+    /// token the API server accepts (TokenReview) and whose user or group is
+    /// in --resolver-allowed-subjects. Needs `create tokenreviews`.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_REVIEW", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true,
+          value_name = "BOOL", requires = "tls_cert_file", conflicts_with = "resolver_token_file")]
+    pub resolver_token_review: bool,
+
+    /// Users (`system:serviceaccount:porch-system:porch-server`) or groups
+    /// allowed to call the resolver with --resolver-token-review.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_RESOLVER_ALLOWED_SUBJECTS",
+        value_delimiter = ',',
+        value_name = "USER|GROUP"
+    )]
+    pub resolver_allowed_subjects: Vec<String>,
 
     /// When images cannot be resolved in time (registry down, slow, 5xx):
     /// `open` admits the pod unchanged with a warning, `closed` denies it.

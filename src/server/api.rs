@@ -129,6 +129,31 @@ fn platform(raw: Option<&str>) -> Result<Option<Platform>, ApiError> {
         .map_err(|e| ApiError::bad_request("invalid-platform", e.to_string()))
 }
 
+/// The registry allowlist (`--resolver-allowed-registries`): an empty list
+/// allows every registry. Checked before the cache, so a refused image never
+/// makes us contact its host.
+fn check_allowed(state: &AppState, image: &str) -> Result<(), ApiError> {
+    if state.allowed_registries.is_empty() {
+        return Ok(());
+    }
+    let reference = state.cache.resolver().parse(image)?;
+    if state
+        .allowed_registries
+        .iter()
+        .any(|r| r == reference.registry())
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "registry-not-allowed",
+        format!(
+            "registry {} is not in this resolver's allowlist",
+            reference.registry()
+        ),
+    ))
+}
+
 pub async fn resolve_one(
     State(state): State<Arc<AppState>>,
     query: Result<Query<ResolveQuery>, QueryRejection>,
@@ -138,6 +163,7 @@ pub async fn resolve_one(
         ApiError::bad_request("bad-request", "the query parameter `image` is required")
     })?;
     let platform = platform(query.platform.as_deref())?;
+    check_allowed(&state, &image)?;
     let (resolution, cached) = state.cache.resolve(&image, platform.as_ref()).await?;
     Ok(Json(Resolved { resolution, cached }))
 }
@@ -176,10 +202,13 @@ pub async fn resolve_batch(
     }
     let platform = platform(batch.platform.as_deref())?;
     let results = futures_util::future::join_all(batch.images.iter().map(|image| {
-        let cache = state.cache.clone();
+        let state = state.clone();
         let platform = platform.clone();
         async move {
-            match cache.resolve(image, platform.as_ref()).await {
+            if let Err(refused) = check_allowed(&state, image) {
+                return json!({"image": image, "error": refused.body()});
+            }
+            match state.cache.resolve(image, platform.as_ref()).await {
                 Ok((resolution, cached)) => {
                     serde_json::to_value(Resolved { resolution, cached }).unwrap_or_default()
                 }

@@ -2,10 +2,16 @@
 //! open resolver is a credential oracle (it answers with what our registry
 //! credentials can see) and an SSRF tool (it makes us contact any host), so
 //! off loopback it only answers callers holding a token from
-//! `--resolver-token-file`.
+//! `--resolver-token-file`, or, in a cluster, a token the API server vouches
+//! for (TokenReview) whose user or group is in `--resolver-allowed-subjects`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use tracing::{debug, warn};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -80,27 +86,160 @@ impl Tokens {
     }
 }
 
-/// Rejects requests without a known bearer token: 401, and no detail.
-pub async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
+/// How callers of the HTTPS resolver prove who they are.
+#[derive(Debug, Clone)]
+pub enum Authenticator {
+    /// A static token file (outside a cluster).
+    Tokens(Tokens),
+    /// The API server's TokenReview, then an allowed-subjects check.
+    TokenReview(TokenReviewer),
+}
+
+/// What became of one presented token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    /// Authenticated, but not one of the allowed subjects.
+    Forbidden,
+    Unauthenticated,
+}
+
+/// Asks the API server who a bearer token belongs to. Verdicts are kept
+/// briefly (by the token's SHA-256, never the token) so a busy caller does
+/// not cost one TokenReview per request.
+#[derive(Clone)]
+pub struct TokenReviewer {
+    api: Api<TokenReview>,
+    allowed: Arc<Vec<String>>,
+    verdicts: moka::future::Cache<[u8; 32], Verdict>,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("allowed", &self.allowed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a TokenReview verdict is reused. Short: a deleted ServiceAccount
+/// or a revoked token stops working within this.
+const VERDICT_TTL: Duration = Duration::from_secs(30);
+
+impl TokenReviewer {
+    /// `allowed`: user names (`system:serviceaccount:NS:NAME`) or groups
+    /// (`system:serviceaccounts:NS`) that may use the resolver.
+    pub fn new(client: kube::Client, allowed: Vec<String>) -> Self {
+        Self {
+            api: Api::all(client),
+            allowed: Arc::new(allowed),
+            verdicts: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(VERDICT_TTL)
+                .build(),
+        }
+    }
+
+    async fn verdict(&self, token: &str) -> Result<Verdict, kube::Error> {
+        let key = digest(token);
+        if let Some(v) = self.verdicts.get(&key).await {
+            return Ok(v);
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: None,
+            },
+            ..TokenReview::default()
+        };
+        let answer = self.api.create(&PostParams::default(), &review).await?;
+        let status = answer.status.unwrap_or_default();
+        let verdict = match status.user.filter(|_| status.authenticated == Some(true)) {
+            None => Verdict::Unauthenticated,
+            Some(user) => {
+                let name = user.username.unwrap_or_default();
+                let groups = user.groups.unwrap_or_default();
+                let allowed = self
+                    .allowed
+                    .iter()
+                    .any(|a| *a == name || groups.contains(a));
+                if allowed {
+                    debug!(user = %name, "resolver caller allowed");
+                    Verdict::Allowed
+                } else {
+                    warn!(user = %name, "resolver caller authenticated but not in --resolver-allowed-subjects");
+                    Verdict::Forbidden
+                }
+            }
+        };
+        self.verdicts.insert(key, verdict).await;
+        Ok(verdict)
+    }
+}
+
+impl Authenticator {
+    async fn verdict(&self, token: Option<&str>) -> Result<Verdict, kube::Error> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Ok(Verdict::Unauthenticated);
+        };
+        match self {
+            Self::Tokens(tokens) => Ok(if tokens.accepts(token) {
+                Verdict::Allowed
+            } else {
+                Verdict::Unauthenticated
+            }),
+            Self::TokenReview(reviewer) => reviewer.verdict(token).await,
+        }
+    }
+}
+
+fn refusal(status: StatusCode, kind: &str, message: &str) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(json!({"error": {"kind": kind, "message": message}})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"fn-image-resolver\""),
+        );
+    }
+    resp
+}
+
+/// Unknown callers get 401, known but not allowed ones 403; neither answer
+/// says anything about registries.
+pub async fn require_token(
+    State(auth): State<Authenticator>,
+    request: Request,
+    next: Next,
+) -> Response {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match token {
-        Some(t) if tokens.accepts(t) => next.run(request).await,
-        _ => {
-            let mut resp = (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(json!({"error": {"kind": "unauthenticated", "message": "a valid bearer token is required"}})),
+    match auth.verdict(token).await {
+        Ok(Verdict::Allowed) => next.run(request).await,
+        Ok(Verdict::Forbidden) => refusal(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this identity may not use the resolver",
+        ),
+        Ok(Verdict::Unauthenticated) => refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "a valid bearer token is required",
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot review a resolver caller's token");
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the caller's token cannot be checked right now",
             )
-                .into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"fn-image-resolver\""),
-            );
-            resp
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub max_batch: usize,
+    /// Normalized registry hosts `/v1/resolve` may ask; empty: any.
+    pub allowed_registries: Vec<String>,
 }
 
 /// Largest request body accepted (a batch of image references).
@@ -78,10 +80,10 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
 /// The webhook listener's routes: `/mutate` with health, readiness and
-/// metrics, and `/v1/resolve` for callers with a token when `tokens` is set.
-pub fn webhook_router(state: Arc<AppState>, tokens: Option<auth::Tokens>) -> Router {
+/// metrics, and `/v1/resolve` for authenticated callers when `auth` is set.
+pub fn webhook_router(state: Arc<AppState>, auth: Option<auth::Authenticator>) -> Router {
     let mut router = Router::new();
-    if let Some(tokens) = tokens {
+    if let Some(tokens) = auth {
         router = router.route(
             "/v1/resolve",
             get(api::resolve_one)
@@ -399,6 +401,12 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
         metrics,
         readiness,
         max_batch: args.server.max_batch,
+        allowed_registries: args
+            .server
+            .resolver_allowed_registries
+            .iter()
+            .map(|h| crate::registry::reference::normalize_host(h))
+            .collect(),
     });
     let limits = args.server.limits();
     let shutdown = CancellationToken::new();
@@ -413,12 +421,23 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(cert) = &cert {
         tasks.spawn(cert.clone().watch(shutdown.clone()));
-        let tokens = args
-            .webhook
-            .resolver_token_file
-            .as_deref()
-            .map(auth::Tokens::load)
-            .transpose()?;
+        let tokens = match &args.webhook.resolver_token_file {
+            Some(path) => Some(auth::Authenticator::Tokens(auth::Tokens::load(path)?)),
+            None if args.webhook.resolver_token_review => {
+                anyhow::ensure!(
+                    !args.webhook.resolver_allowed_subjects.is_empty(),
+                    "--resolver-token-review needs --resolver-allowed-subjects: without it every identity in the cluster could use the resolver"
+                );
+                let client = crate::registration::kube_client()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--resolver-token-review: {e}"))?;
+                Some(auth::Authenticator::TokenReview(auth::TokenReviewer::new(
+                    client,
+                    args.webhook.resolver_allowed_subjects.clone(),
+                )))
+            }
+            None => None,
+        };
         let webhook = serve_tls(
             args.webhook.listen,
             webhook_router(state.clone(), tokens),

@@ -33,7 +33,7 @@ impl Drop for Serve {
     }
 }
 
-async fn wait_ready(url: &str) -> Value {
+pub(crate) async fn wait_ready(url: &str) -> Value {
     let mut last = Value::Null;
     for _ in 0..300 {
         if let Ok(resp) = reqwest::get(url).await {
@@ -247,7 +247,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     );
 }
 
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
+pub(crate) fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("kubectl")
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .args(args)
@@ -312,6 +312,34 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         ],
     );
     assert!(ok, "{out}");
+
+    // The TokenReview component on top of deploy/.
+    let overlay = tempfile::tempdir().expect("tempdir");
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", root.trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/resolver-token-review]\n"
+        ),
+    )
+    .expect("write");
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-o",
+            "yaml",
+            "-k",
+            &overlay.path().display().to_string(),
+        ],
+    );
+    assert!(
+        ok && out.contains("--resolver-token-review=true")
+            && out.contains("name: fn-image-resolver-token-review"),
+        "{out}"
+    );
 
     let sa = SERVICE_ACCOUNT;
     let can = |args: &[&str]| {

@@ -5,6 +5,7 @@
 mod common;
 
 mod cache;
+mod caller_auth;
 mod cli;
 mod e2e;
 mod hardening;
@@ -136,6 +137,7 @@ impl Endpoint {
             metrics: metrics.clone(),
             readiness,
             max_batch: 10,
+            allowed_registries: Vec::new(),
         });
         let port = common::free_port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");

@@ -68,6 +68,7 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
         metrics,
         readiness: Arc::new(Readiness::default()),
         max_batch: 10,
+        allowed_registries: Vec::new(),
     });
     let port = crate::common::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -75,7 +76,12 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
     tokio::spawn(cert.clone().watch(shutdown.clone()));
     tokio::spawn(fn_image_resolver::server::serve_tls(
         addr,
-        fn_image_resolver::server::webhook_router(state, Some(tokens)),
+        fn_image_resolver::server::webhook_router(
+            state,
+            Some(fn_image_resolver::server::auth::Authenticator::Tokens(
+                tokens,
+            )),
+        ),
         cert,
         fn_image_resolver::server::HttpLimits {
             drain: Duration::from_secs(5),
