@@ -92,7 +92,7 @@ pub enum Authenticator {
     /// A static token file (outside a cluster).
     Tokens(Tokens),
     /// The API server's TokenReview, then an allowed-subjects check.
-    TokenReview(TokenReviewer),
+    TokenReview(Box<TokenReviewer>),
 }
 
 /// What became of one presented token.

@@ -431,9 +431,11 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
                 let client = crate::registration::kube_client()
                     .await
                     .map_err(|e| anyhow::anyhow!("--resolver-token-review: {e}"))?;
-                Some(auth::Authenticator::TokenReview(auth::TokenReviewer::new(
-                    client,
-                    args.webhook.resolver_allowed_subjects.clone(),
+                Some(auth::Authenticator::TokenReview(Box::new(
+                    auth::TokenReviewer::new(
+                        client,
+                        args.webhook.resolver_allowed_subjects.clone(),
+                    ),
                 )))
             }
             None => None,
