@@ -4,7 +4,8 @@
 #     `fn-image-resolver serve`, same load generator, same run: cache-hit reviews;
 #  2. herd: 200 concurrent cold reviews for one image on a fresh server;
 #  3. registry down with a warm cache;
-#  plus startup time (exec -> /readyz) and resident memory.
+#  plus startup time (exec -> /readyz) and resident memory. Scenario 1 runs
+#  with our loadgen and, when installed, with wrk (Debian package wrk).
 #
 #   scripts/bench-webhook.sh     # DURATION=10s CONNECTIONS=16
 #
@@ -28,7 +29,7 @@ $bin certs --san 127.0.0.1 --out "$work/certs" >/dev/null
 start_serve() { # name port resolver-port
     local t0 t1
     t0=$(date +%s%N)
-    $bin serve --listen "127.0.0.1:$2" --tls-cert-file "$work/certs/tls.crt" --tls-key-file "$work/certs/tls.key" \
+    MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-0} $bin serve --listen "127.0.0.1:$2" --tls-cert-file "$work/certs/tls.crt" --tls-key-file "$work/certs/tls.key" \
         --resolver-listen "127.0.0.1:$3" --insecure-registry "$reg" --log-level error &
     pids+=("$!"); eval "$1_pid=$!"
     until curl -sf "http://127.0.0.1:$3/readyz" >/dev/null; do sleep 0.005; done
@@ -51,6 +52,20 @@ load --url "https://127.0.0.1:18443/mutate?timeout=10s" --requests 1 --concurren
 echo "== 1. cache-hit reviews, $connections connections, $duration each"
 echo -n "  ceiling probe:      "; load --url "https://127.0.0.1:18444/mutate?timeout=10s" --concurrency "$connections" --duration "$duration"
 echo -n "  fn-image-resolver:  "; load --url "https://127.0.0.1:18443/mutate?timeout=10s" --concurrency "$connections" --duration "$duration"
+if command -v wrk >/dev/null; then
+    # wrk (C, one thread) leaves more of the 2 cores to the servers than our
+    # loadgen does, so the ratio it shows is closer to the servers' own costs.
+    sed "s/{{REGISTRY}}/$reg/g" tests/fixtures/function-pod-review.json >"$work/review.json"
+    { echo 'wrk.method = "POST"'; echo 'wrk.headers["Content-Type"] = "application/json"'
+      printf 'wrk.body = [==[%s]==]\n' "$(cat "$work/review.json")"; } >"$work/post.lua"
+    for target in "ceiling probe:18444" "fn-image-resolver:18443"; do
+        printf '  wrk -t1 -c%s, %-18s' "$connections" "${target%%:*}:"
+        wrk -t1 -c"$connections" -d"$duration" -s "$work/post.lua" --latency \
+            "https://127.0.0.1:${target##*:}/mutate?timeout=10s" |
+            awk '/Requests\/sec/ {rps = $2} /^ +99%/ {p99 = $2} /Non-2xx/ {bad = $NF}
+                 END {printf "%s reviews/s, p99 %s, non-2xx %d\n", rps, p99, bad}'
+    done
+fi
 echo "  main: RSS after load $(rss "$main_pid")"
 echo "  server-side /mutate latency (histogram):"
 curl -sf "http://127.0.0.1:19545/metrics" | awk '
