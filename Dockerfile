@@ -16,5 +16,8 @@ RUN cargo build --release --locked --bin fn-image-resolver \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/fn-image-resolver /usr/local/bin/fn-image-resolver
 USER 65532:65532
+# mimalloc commits memory as it is used, not a whole arena up front:
+# about 9 MB less resident memory at no measured throughput cost (BENCHMARKS.md).
+ENV MIMALLOC_ARENA_EAGER_COMMIT=0
 ENTRYPOINT ["/usr/local/bin/fn-image-resolver"]
 CMD ["serve"]
