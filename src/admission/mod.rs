@@ -182,6 +182,67 @@ impl ReviewResponse {
     }
 }
 
+/// Whether a review is ours to mutate.
+#[derive(Debug)]
+pub enum Scope {
+    /// Not a Pod CREATE in the function namespace: admitted unchanged.
+    Outside,
+    /// In scope, but the object does not read as a Pod.
+    NotAPod,
+    /// A function pod being created.
+    Pod(Box<Pod>),
+}
+
+/// A review as far as the webhook reads it.
+#[derive(Debug)]
+pub struct Decoded {
+    pub uid: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub kind: String,
+    pub operation: String,
+    pub scope: Scope,
+}
+
+/// Decodes an AdmissionReview body; `function_namespace` decides the scope.
+/// Pure and synchronous, so it is also what the fuzz target drives.
+pub fn decode(body: &[u8], function_namespace: &str) -> Result<Decoded, ReviewError> {
+    let review: Envelope<'_> = serde_json::from_slice(body).map_err(|e| {
+        let mut msg = e.to_string();
+        msg.truncate(200);
+        ReviewError::Json(msg)
+    })?;
+    // The API server must be speaking v1, or our answer would be misread.
+    if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
+        return Err(ReviewError::NotARequest);
+    }
+    let request = review.request.ok_or(ReviewError::NotARequest)?;
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    let in_scope = is_pod
+        && request.operation == "CREATE"
+        && request.namespace.as_deref() == Some(function_namespace);
+    let scope = if !in_scope {
+        Scope::Outside
+    } else {
+        // One pass from the review's bytes straight into the Pod view.
+        match request
+            .object
+            .and_then(|o| serde_json::from_str::<Pod>(o.get()).ok())
+        {
+            Some(pod) => Scope::Pod(Box::new(pod)),
+            None => Scope::NotAPod,
+        }
+    };
+    Ok(Decoded {
+        uid: request.uid,
+        namespace: request.namespace,
+        name: request.name,
+        kind: request.kind.kind,
+        operation: request.operation,
+        scope,
+    })
+}
+
 /// Reviews function pods with the shared resolver cache.
 #[derive(Debug, Clone)]
 pub struct Admitter {
@@ -215,50 +276,35 @@ impl Admitter {
         body: &[u8],
         timeout: Option<Duration>,
     ) -> Result<ReviewResponse, ReviewError> {
-        let review: Envelope<'_> = serde_json::from_slice(body).map_err(|e| {
-            let mut msg = e.to_string();
-            msg.truncate(200);
-            ReviewError::Json(msg)
-        })?;
-        // The API server must be speaking v1, or our answer would be misread.
-        if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
-            return Err(ReviewError::NotARequest);
-        }
-        let request = review.request.ok_or(ReviewError::NotARequest)?;
-        let uid = request.uid;
+        let decoded = decode(body, &self.settings.namespace)?;
+        let uid = decoded.uid;
         let span = tracing::Span::current();
         span.record("uid", uid.as_str());
         span.record(
             "namespace",
-            request.namespace.as_deref().unwrap_or_default(),
+            decoded.namespace.as_deref().unwrap_or_default(),
         );
-        span.record("pod", request.name.as_deref().unwrap_or_default());
-        let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
-        let in_scope = is_pod
-            && request.operation == "CREATE"
-            && request.namespace.as_deref() == Some(self.settings.namespace.as_str());
-        if !in_scope {
-            debug!(uid, kind = %request.kind.kind, operation = %request.operation, namespace = ?request.namespace, "not a function pod creation; allowed unchanged");
-            return Ok(ReviewResponse::allow(&uid, Vec::new(), "unchanged"));
-        }
-        // One pass from the review's bytes straight into a typed Pod.
-        let pod: Option<Pod> = request
-            .object
-            .and_then(|o| serde_json::from_str(o.get()).ok());
-        let Some(pod) = pod else {
-            return Ok(ReviewResponse::deny(
-                &uid,
-                400,
-                "the review's object is not a valid Pod".into(),
-            ));
+        span.record("pod", decoded.name.as_deref().unwrap_or_default());
+        let pod = match decoded.scope {
+            Scope::Outside => {
+                debug!(uid, kind = %decoded.kind, operation = %decoded.operation, namespace = ?decoded.namespace, "not a function pod creation; allowed unchanged");
+                return Ok(ReviewResponse::allow(&uid, Vec::new(), "unchanged"));
+            }
+            Scope::NotAPod => {
+                return Ok(ReviewResponse::deny(
+                    &uid,
+                    400,
+                    "the review's object is not a valid Pod".into(),
+                ));
+            }
+            Scope::Pod(pod) => pod,
         };
-        if request.name.is_none() {
+        if decoded.name.is_none() {
             span.record(
                 "pod",
                 pod.metadata
-                    .name
-                    .as_deref()
-                    .or(pod.metadata.generate_name.as_deref())
+                    .as_ref()
+                    .and_then(|m| m.name.as_deref().or(m.generate_name.as_deref()))
                     .unwrap_or_default(),
             );
         }

@@ -39,8 +39,9 @@ pub enum MutationError {
 /// never read loses nothing.
 #[derive(Debug, Default, Deserialize)]
 pub struct Pod {
+    /// `None` when absent or null: the patch then adds the whole object.
     #[serde(default)]
-    pub metadata: PodMeta,
+    pub metadata: Option<PodMeta>,
     #[serde(default)]
     pub spec: Option<PodSpec>,
 }
@@ -155,6 +156,15 @@ pub fn plan<'r>(
                 }
                 let filled: Vec<&String> = args.iter().chain(entrypoint).collect();
                 mutation.operations.push(add(&at("args"), json!(filled)));
+                // Without a command the kubelet runs the image's Entrypoint
+                // anyway; saying so keeps a second pass (reinvocation) from
+                // reading the filled args as a container to make explicit.
+                // Found by fuzzing the plan's idempotence.
+                if command.is_empty() && !resolution.config_entrypoint.is_empty() {
+                    mutation
+                        .operations
+                        .push(add(&at("command"), json!(resolution.config_entrypoint)));
+                }
             } else if args.is_empty()
                 && command.last().map(String::as_str) == Some(ENTRYPOINT_MARKER)
             {
@@ -206,7 +216,7 @@ pub fn plan<'r>(
     }
 
     if !mutation.pinned.is_empty() {
-        let annotations = pod.metadata.annotations.as_ref();
+        let annotations = pod.metadata.as_ref().and_then(|m| m.annotations.as_ref());
         // Keep what an earlier pass recorded (reinvocation after another webhook).
         let mut record: BTreeMap<String, String> = annotations
             .and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION))
@@ -216,7 +226,14 @@ pub fn plan<'r>(
             record.entry(name.clone()).or_insert_with(|| image.clone());
         }
         let value = serde_json::to_string(&record).unwrap_or_default();
-        if annotations.is_none() {
+        // Found by fuzzing: a pod without metadata got a patch into
+        // /metadata/annotations, which cannot apply.
+        if pod.metadata.is_none() {
+            mutation.operations.push(add(
+                &["metadata"],
+                json!({ "annotations": { ORIGINAL_IMAGES_ANNOTATION: value } }),
+            ));
+        } else if annotations.is_none() {
             mutation.operations.push(add(
                 &["metadata", "annotations"],
                 json!({ ORIGINAL_IMAGES_ANNOTATION: value }),
@@ -373,6 +390,47 @@ mod tests {
         let pinned_lookup = lookup(&pinned_rows);
         let m2 = plan(&again, &pinned_lookup, Some("auth-secret")).expect("admitted");
         assert!(m2.operations.is_empty(), "{:?}", m2.operations);
+    }
+
+    #[test]
+    fn args_ending_with_the_marker_and_no_command_are_stable_on_a_second_pass() {
+        let pod_json = json!({"metadata": {}, "spec": {"containers": [
+            {"name": "f", "image": "r.example.com/x:1", "args": ["--port", "9446", "--"]}
+        ]}});
+        let rows = [resolution("r.example.com/x:1", &["/x"], &[], false)];
+        let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
+        let m = plan(&pod, &lookup(&rows), None).expect("admitted");
+        let out = apply(&pod_json, &m);
+        assert_eq!(out["spec"]["containers"][0]["command"], json!(["/x"]));
+        assert_eq!(
+            out["spec"]["containers"][0]["args"],
+            json!(["--port", "9446", "--", "/x"])
+        );
+        let pinned_rows: Vec<Resolution> = rows
+            .iter()
+            .map(|r| Resolution {
+                image: r.pinned.clone(),
+                ..r.clone()
+            })
+            .collect();
+        let again: Pod = serde_json::from_value(out).expect("pod");
+        let m2 = plan(&again, &lookup(&pinned_rows), None).expect("admitted");
+        assert!(m2.operations.is_empty(), "{:?}", m2.operations);
+    }
+
+    #[test]
+    fn a_pod_without_metadata_gets_a_patch_that_applies() {
+        for pod_json in [
+            json!({"spec": {"containers": [{"name": "f", "image": "r.example.com/x:1"}]}}),
+            json!({"metadata": null, "spec": {"containers": [{"name": "f", "image": "r.example.com/x:1"}]}}),
+        ] {
+            let rows = [resolution("r.example.com/x:1", &["/x"], &[], false)];
+            let table = lookup(&rows);
+            let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
+            let m = plan(&pod, &table, None).expect("admitted");
+            let out = apply(&pod_json, &m);
+            assert!(out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
+        }
     }
 
     #[test]

@@ -292,7 +292,8 @@ impl Challenge {
                     .map(|(_, v)| v.to_unescaped())
             };
             if challenge.scheme.eq_ignore_ascii_case("bearer") {
-                let realm = param("realm")?;
+                // A Bearer challenge without a realm cannot be answered.
+                let realm = param("realm").filter(|r| !r.trim().is_empty())?;
                 return Some(Self::Bearer {
                     realm,
                     service: param("service"),
@@ -562,6 +563,7 @@ mod tests {
             Some(Challenge::Basic)
         );
         assert_eq!(Challenge::parse("Bearer service=\"x\""), None);
+        assert_eq!(Challenge::parse("Bearer realm=\"\",service=\"x\""), None);
         assert_eq!(Challenge::parse("garbage ,,, \""), None);
         assert_eq!(Challenge::parse(""), None);
     }

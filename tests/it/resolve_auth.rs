@@ -12,7 +12,7 @@ use crate::common::token::{ISSUER, SERVICE, TokenServer};
 use crate::{basic_auth, docker_config, resolver, settings};
 
 pub const PASSWORD: &str = "s3cret-PASSWORD-marker";
-const REFRESH: &str = "refresh-TOKEN-marker";
+pub const REFRESH: &str = "refresh-TOKEN-marker";
 
 #[derive(Debug)]
 struct BasicEnv {
