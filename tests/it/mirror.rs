@@ -196,3 +196,210 @@ fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A validating webhook that refuses the next `refusals` writes of Secrets
+/// with 409 Conflict (the API server passes the code on to the writer), and
+/// counts every review it sees.
+#[derive(Debug, Default)]
+struct Conflicts {
+    refusals: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    reviews: std::sync::atomic::AtomicUsize,
+}
+
+async fn conflict_webhook(conflicts: Arc<Conflicts>) -> (u16, String, tempfile::TempDir) {
+    use std::sync::atomic::Ordering;
+    let certs = tempfile::tempdir().expect("tempdir");
+    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
+        .expect("certs");
+    let cert = fn_image_resolver::server::tls::ReloadingCert::load(
+        certs.path().join("tls.crt"),
+        certs.path().join("tls.key"),
+    )
+    .expect("cert");
+    let app = axum::Router::new().route(
+        "/validate",
+        axum::routing::post(move |axum::Json(review): axum::Json<serde_json::Value>| {
+            let conflicts = conflicts.clone();
+            async move {
+                conflicts.reviews.fetch_add(1, Ordering::SeqCst);
+                let uid = review["request"]["uid"].clone();
+                let refuse = conflicts
+                    .refusals
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let response = if refuse {
+                    conflicts.refused.fetch_add(1, Ordering::SeqCst);
+                    json!({"uid": uid, "allowed": false, "status": {
+                        "code": 409, "reason": "Conflict", "message": "simulated write conflict"}})
+                } else {
+                    json!({"uid": uid, "allowed": true})
+                };
+                axum::Json(json!({
+                    "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": response
+                }))
+            }
+        }),
+    );
+    let port = crate::common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    tokio::spawn(fn_image_resolver::server::serve_tls(
+        addr,
+        app,
+        cert,
+        fn_image_resolver::server::HttpLimits::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
+    (port, ca, certs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid() {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    use std::sync::atomic::Ordering;
+
+    let plane = ControlPlane::start();
+    plane.create_namespace("porch-system").await;
+    plane.create_namespace(NS).await;
+    let admin = plane.admin().await;
+    let out = std::process::Command::new("kubectl")
+        .arg(format!(
+            "--kubeconfig={}",
+            plane.kubeconfig(ADMIN_TOKEN, "admin").display()
+        ))
+        .args([
+            "apply",
+            "-k",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa = client_from(&plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"])).await;
+
+    let conflicts = Arc::new(Conflicts::default());
+    let (port, ca, _certs) = conflict_webhook(conflicts.clone()).await;
+    let config_json = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "conflicts"},
+        "webhooks": [{
+            "name": "conflicts.test.example.com",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate"), "caBundle": base64_of(ca.as_bytes())},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5
+        }]
+    });
+    let webhook: ValidatingWebhookConfiguration =
+        serde_json::from_value(config_json).expect("webhook config");
+    Api::<ValidatingWebhookConfiguration>::all(admin.clone())
+        .create(&Default::default(), &webhook)
+        .await
+        .expect("register the conflict webhook");
+
+    let mount = tempfile::tempdir().expect("mount");
+    kubelet_swap(mount.path(), &config("one"), 1);
+    let path = mount.path().join(".dockerconfigjson");
+    let metrics = Metrics::new();
+    let (status, shutdown) = start_mirror(sa.clone(), &path, metrics.clone());
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    wait_for(&secrets, &config("one")).await;
+    // The API server picks up webhook configurations asynchronously: wait
+    // until it consults ours (a dry-run write, allowed) before arming it.
+    let probe = json!({"metadata": {"annotations": {"probe": "1"}}});
+    for _ in 0..100 {
+        let _ = secrets
+            .patch(
+                "auth-secret",
+                &PatchParams::default().dry_run(),
+                &Patch::Merge(&probe),
+            )
+            .await;
+        if conflicts.reviews.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        conflicts.reviews.load(Ordering::SeqCst) > 0,
+        "the webhook is in use"
+    );
+
+    // What a refused writer gets from the API server really is a 409.
+    conflicts.refusals.store(1, Ordering::SeqCst);
+    let refused = secrets
+        .patch(
+            "auth-secret",
+            &PatchParams::default().dry_run(),
+            &Patch::Merge(&probe),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&refused, kube::Error::Api(status) if status.code == 409),
+        "{refused:?}"
+    );
+    conflicts.refused.store(0, Ordering::SeqCst);
+
+    // The next three writes are refused with 409; meanwhile the source moves.
+    conflicts.refusals.store(3, Ordering::SeqCst);
+    kubelet_swap(mount.path(), &config("two"), 2);
+    let watch_target = {
+        let secrets = secrets.clone();
+        tokio::spawn(async move {
+            // Every read while the conflicts last: valid, managed, one of
+            // the two configs, never empty.
+            let mut reads = 0;
+            for _ in 0..200 {
+                let s = secrets
+                    .get("auth-secret")
+                    .await
+                    .expect("the target exists throughout");
+                let data = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(SECRET_KEY))
+                    .map(|b| b.0.clone())
+                    .unwrap_or_default();
+                assert!(
+                    data == config("one") || data == config("two"),
+                    "target held {:?}",
+                    String::from_utf8_lossy(&data)
+                );
+                reads += 1;
+                if data == config("two") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            reads
+        })
+    };
+    wait_for(&secrets, &config("two")).await;
+    let reads = watch_target.await.expect("reads");
+    assert!(reads > 0);
+    assert_eq!(
+        conflicts.refused.load(Ordering::SeqCst),
+        3,
+        "the mirror's writes were refused three times before one went through"
+    );
+    assert!(status.is_synced());
+    let text = metrics.encode();
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("fn_image_resolver_secret_syncs_total{result=\"error\"}")
+            && !l.ends_with(" 0")),
+        "{text}"
+    );
+    shutdown.cancel();
+}
