@@ -27,6 +27,11 @@ pub struct RegistryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabel {
+    registry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     registry: String,
     kind: String,
@@ -65,6 +70,10 @@ pub struct Metrics {
     secret_syncs: Family<ResultLabel, Counter>,
     secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     secret_propagation: Histogram,
+    /// Unix time at which the webhook's serving certificate expires.
+    pub cert_expiry: Gauge,
+    ratelimit_limit: Family<HostLabel, Gauge>,
+    ratelimit_remaining: Family<HostLabel, Gauge>,
     // Handles for the hot path: no label allocation per cache hit.
     hit: Counter,
     miss: Counter,
@@ -155,6 +164,24 @@ impl Metrics {
             "Time from a Docker config change on disk to the pull secret updated",
             secret_propagation.clone(),
         );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the webhook's serving certificate expires",
+            cert_expiry.clone(),
+        );
+        let ratelimit_limit = Family::<HostLabel, Gauge>::default();
+        registry.register(
+            "registry_ratelimit_limit",
+            "Pull limit a registry announced in its last RateLimit-Limit header (Docker Hub style)",
+            ratelimit_limit.clone(),
+        );
+        let ratelimit_remaining = Family::<HostLabel, Gauge>::default();
+        registry.register(
+            "registry_ratelimit_remaining",
+            "Pulls left according to a registry's last RateLimit-Remaining header",
+            ratelimit_remaining.clone(),
+        );
         let handle = |result: &str| {
             lookups.get_or_create_owned(&ResultLabel {
                 result: result.to_string(),
@@ -178,6 +205,9 @@ impl Metrics {
             secret_syncs,
             secret_last_success,
             secret_propagation,
+            cert_expiry,
+            ratelimit_limit,
+            ratelimit_remaining,
         })
     }
 
@@ -271,5 +301,22 @@ impl RequestObserver for Metrics {
                 kind: kind.as_str().to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    fn rate_limit(&self, registry: &str, limit: Option<u64>, remaining: Option<u64>) {
+        let label = HostLabel {
+            registry: registry.to_string(),
+        };
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Some(limit) = limit {
+            self.ratelimit_limit
+                .get_or_create(&label)
+                .set(as_gauge(limit));
+        }
+        if let Some(remaining) = remaining {
+            self.ratelimit_remaining
+                .get_or_create(&label)
+                .set(as_gauge(remaining));
+        }
     }
 }

@@ -125,6 +125,21 @@ impl RequestKind {
 pub trait RequestObserver: Send + Sync + std::fmt::Debug {
     /// `status` is `None` when no response arrived.
     fn observe(&self, registry: &str, kind: RequestKind, status: Option<u16>, elapsed: Duration);
+
+    /// A registry announced its pull limit (`RateLimit-Limit`,
+    /// `RateLimit-Remaining`, as Docker Hub sends them).
+    fn rate_limit(&self, _registry: &str, _limit: Option<u64>, _remaining: Option<u64>) {}
+}
+
+/// The count in a rate-limit header: `100;w=21600` → 100. Also accepts the
+/// `X-RateLimit-*` spelling some registries use.
+fn rate_limit_header(headers: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
+    [name.to_string(), format!("x-{name}")]
+        .iter()
+        .find_map(|n| headers.get(n.as_str()))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The client. Cheap to share behind an `Arc`; connections are pooled per rung.
@@ -394,6 +409,13 @@ impl RegistryClient {
                 started,
             );
             let resp = result.map_err(|e| classify(e, target.registry, self.request_timeout))?;
+            if let Some(o) = &self.observer {
+                let limit = rate_limit_header(resp.headers(), "ratelimit-limit");
+                let remaining = rate_limit_header(resp.headers(), "ratelimit-remaining");
+                if limit.is_some() || remaining.is_some() {
+                    o.rate_limit(target.registry, limit, remaining);
+                }
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || retried {
                 return Ok(resp);
             }

@@ -420,6 +420,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
         ));
     }
     if let Some(cert) = &cert {
+        cert.observe(state.metrics.clone());
         tasks.spawn(cert.clone().watch(shutdown.clone()));
         let tokens = match &args.webhook.resolver_token_file {
             Some(path) => Some(auth::Authenticator::Tokens(auth::Tokens::load(path)?)),

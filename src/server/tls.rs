@@ -68,12 +68,21 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertE
     Ok(certified)
 }
 
+/// When the leaf certificate stops being valid (Unix seconds), if it parses.
+pub fn not_after(certified: &CertifiedKey) -> Option<i64> {
+    let leaf = certified.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// The current serving certificate; replaced whole on rotation.
 #[derive(Debug)]
 pub struct ReloadingCert {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: ArcSwap<CertifiedKey>,
+    /// Where the expiry is published, once `observe` was called.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl ReloadingCert {
@@ -83,7 +92,17 @@ impl ReloadingCert {
             cert_path,
             key_path,
             current: ArcSwap::from_pointee(certified),
+            metrics: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Publishes the serving certificate's expiry as a metric, now and after
+    /// every reload.
+    pub fn observe(&self, metrics: Arc<crate::metrics::Metrics>) {
+        if let Some(at) = not_after(&self.current.load()) {
+            metrics.cert_expiry.set(at);
+        }
+        let _ = self.metrics.set(metrics);
     }
 
     /// Re-reads the files. A half-written or broken pair keeps the old
@@ -93,8 +112,12 @@ impl ReloadingCert {
         if fresh.cert == self.current.load().cert {
             return Ok(false);
         }
+        let expires = not_after(&fresh);
+        if let (Some(metrics), Some(at)) = (self.metrics.get(), expires) {
+            metrics.cert_expiry.set(at);
+        }
         self.current.store(Arc::new(fresh));
-        info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+        info!(cert = %self.cert_path.display(), not_after = expires, "serving certificate reloaded");
         Ok(true)
     }
 

@@ -55,6 +55,8 @@ struct Shared {
     delay: Mutex<Duration>,
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
+    /// Added to every response (e.g. a registry's rate-limit headers).
+    extra_headers: Mutex<Vec<(String, String)>>,
 }
 
 /// Handle to a running proxy.
@@ -90,6 +92,7 @@ impl Proxy {
             delay: Mutex::new(Duration::ZERO),
             in_flight: AtomicUsize::new(0),
             peak_in_flight: AtomicUsize::new(0),
+            extra_headers: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -123,6 +126,15 @@ impl Proxy {
     pub fn reset(&self) {
         self.shared.seen.lock().expect("seen").clear();
         self.shared.peak_in_flight.store(0, Ordering::SeqCst);
+    }
+
+    /// Adds `name: value` to every response from now on.
+    pub fn add_response_header(&self, name: &str, value: &str) {
+        self.shared
+            .extra_headers
+            .lock()
+            .expect("headers")
+            .push((name.to_string(), value.to_string()));
     }
 
     /// The most requests that were inside the proxy at once (since reset).
@@ -237,6 +249,9 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             HeaderName::from_bytes(k.as_ref()).expect("header"),
             v.clone(),
         );
+    }
+    for (k, v) in shared.extra_headers.lock().expect("headers").iter() {
+        resp = resp.header(k.as_str(), v.as_str());
     }
     let bytes = match replace_body {
         Some(b) => b.into(),

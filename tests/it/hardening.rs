@@ -19,7 +19,7 @@ struct Served {
     webhook: u16,
     resolver: u16,
     ca: String,
-    _certs: tempfile::TempDir,
+    certs: tempfile::TempDir,
 }
 
 impl Drop for Served {
@@ -60,7 +60,7 @@ impl Served {
             webhook,
             resolver,
             ca,
-            _certs: certs,
+            certs,
         };
         let ready = format!("http://127.0.0.1:{resolver}/readyz");
         for _ in 0..300 {
@@ -161,6 +161,22 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         .await
         .expect("healthz");
     assert_eq!(resp.status().as_u16(), 200);
+
+    // The serving certificate's expiry is published for alerting.
+    let pem = std::fs::read(served.certs.path().join("tls.crt")).expect("cert");
+    let (_, der) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+    let cert = der.parse_x509().expect("x509");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", served.resolver))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let want = format!(
+        "fn_image_resolver_tls_certificate_expiry_timestamp_seconds {}",
+        cert.validity().not_after.timestamp()
+    );
+    assert!(metrics.contains(&want), "{want} in {metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

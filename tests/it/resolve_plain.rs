@@ -306,3 +306,35 @@ async fn a_burst_of_new_images_keeps_registry_requests_within_the_fetch_limit() 
         "{peak} registry requests were in flight at once, over the limit of 3"
     );
 }
+
+#[tokio::test]
+async fn a_registry_s_rate_limit_headers_become_metrics() {
+    let env = PlainEnv::start().await;
+    env.proxy
+        .add_response_header("RateLimit-Limit", "100;w=21600");
+    env.proxy
+        .add_response_header("RateLimit-Remaining", "76;w=21600");
+    let metrics = fn_image_resolver::metrics::Metrics::new();
+    let r = fn_image_resolver::registry::Resolver::with_observer(
+        &env.settings(),
+        Some(metrics.clone()),
+    )
+    .expect("resolver");
+    r.resolve(&env.image("fns/set-namespace:v0.4"), None)
+        .await
+        .expect("resolves");
+    let text = metrics.encode();
+    let host = &env.proxy.host;
+    assert!(
+        text.contains(&format!(
+            "fn_image_resolver_registry_ratelimit_limit{{registry=\"{host}\"}} 100"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "fn_image_resolver_registry_ratelimit_remaining{{registry=\"{host}\"}} 76"
+        )),
+        "{text}"
+    );
+}
