@@ -11,7 +11,6 @@ use crate::PlainEnv;
 use crate::common::k8s::{ADMIN_TOKEN, ControlPlane, USER_TOKEN};
 use crate::e2e::kubectl;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resolver";
 const CALLER: &str = "system:serviceaccount:porch-system:porch-fn-runner";
 
@@ -55,18 +54,7 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
     let serve = |extra: &[&str]| {
-        tokio::process::Command::new(BIN)
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--resolver-listen", &format!("127.0.0.1:{resolver_port}")])
-            .arg(format!(
-                "--tls-cert-file={}",
-                certs.path().join("tls.crt").display()
-            ))
-            .arg(format!(
-                "--tls-key-file={}",
-                certs.path().join("tls.key").display()
-            ))
+        crate::serve_command(certs.path(), port, resolver_port)
             .args(["--insecure-registry", &env.proxy.host])
             .arg("--resolver-token-review=true")
             .args(extra)
@@ -76,7 +64,6 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
             )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("start serve")
     };
@@ -93,11 +80,7 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     ]);
     crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver_port}/readyz")).await;
     let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("ca"))
-        .tls_built_in_root_certs(false)
-        .build()
-        .expect("client");
+    let client = crate::client_trusting(&ca);
     let image = env.image("fns/set-namespace:v0.4");
     let ask = |image: String, token: Option<String>| {
         let client = client.clone();

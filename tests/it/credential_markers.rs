@@ -15,7 +15,6 @@ use crate::common::proxy::{Fault, Kind, Proxy};
 use crate::resolve_auth::{PASSWORD, REFRESH, token_env};
 use crate::{basic_auth, docker_config};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
 const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 const WRONG_PASSWORD: &str = "wrong-PASSWORD-marker-7c1";
 const WRONG_REFRESH: &str = "wrong-REFRESH-marker-9d2";
@@ -56,18 +55,7 @@ async fn no_secret_appears_in_logs_responses_or_metrics() {
     .join(",");
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("serve")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--resolver-listen", &format!("127.0.0.1:{resolver_port}")])
-        .arg(format!(
-            "--tls-cert-file={}",
-            certs.path().join("tls.crt").display()
-        ))
-        .arg(format!(
-            "--tls-key-file={}",
-            certs.path().join("tls.key").display()
-        ))
+    let mut child = crate::serve_command(certs.path(), port, resolver_port)
         .arg(format!(
             "--resolver-token-file={}",
             certs.path().join("callers").display()
@@ -79,17 +67,12 @@ async fn no_secret_appears_in_logs_responses_or_metrics() {
         .env("FN_IMAGE_RESOLVER_INSECURE_REGISTRY", &insecure)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start serve");
     let local = format!("http://127.0.0.1:{resolver_port}");
     crate::e2e::wait_ready(&format!("{local}/readyz")).await;
     let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
-    let https = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("ca"))
-        .tls_built_in_root_certs(false)
-        .build()
-        .expect("client");
+    let https = crate::client_trusting(&ca);
     let mut said = String::new();
     let mut statuses = Vec::new();
     let mut record = |what: &str, resp: (u16, String, String)| {

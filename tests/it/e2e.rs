@@ -79,18 +79,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
     let insecure = format!("{host},127.0.0.1:{}", env.tokens.port);
     let serve = |failure_policy: &str| {
-        tokio::process::Command::new(BIN)
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--resolver-listen", &format!("127.0.0.1:{resolver_port}")])
-            .arg(format!(
-                "--tls-cert-file={}",
-                certs.path().join("tls.crt").display()
-            ))
-            .arg(format!(
-                "--tls-key-file={}",
-                certs.path().join("tls.key").display()
-            ))
+        crate::serve_command(certs.path(), port, resolver_port)
             .arg("--register-webhook")
             .args(["--webhook-url", &format!("https://127.0.0.1:{port}/mutate")])
             .arg(format!(

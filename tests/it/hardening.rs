@@ -10,7 +10,6 @@ use tokio::net::TcpStream;
 
 use crate::PlainEnv;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
 const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 
 /// A `serve` process with both listeners; killed on drop.
@@ -35,23 +34,11 @@ impl Served {
             .expect("certs");
         let webhook = crate::common::free_port();
         let resolver = crate::common::free_port();
-        let child = tokio::process::Command::new(BIN)
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{webhook}")])
-            .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
-            .arg(format!(
-                "--tls-cert-file={}",
-                certs.path().join("tls.crt").display()
-            ))
-            .arg(format!(
-                "--tls-key-file={}",
-                certs.path().join("tls.key").display()
-            ))
+        let child = crate::serve_command(certs.path(), webhook, resolver)
             .args(["--insecure-registry", &env.proxy.host])
             .args(extra)
             .env("FN_IMAGE_RESOLVER_LOG_FORMAT", "json")
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("start serve");
         let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
@@ -76,11 +63,7 @@ impl Served {
     }
 
     fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).expect("ca"))
-            .tls_built_in_root_certs(false)
-            .build()
-            .expect("client")
+        crate::client_trusting(&self.ca)
     }
 
     async fn stderr(&mut self) -> String {

@@ -184,3 +184,37 @@ pub fn admission_settings() -> fn_image_resolver::admission::AdmissionSettings {
         default_timeout: Duration::from_secs(10),
     }
 }
+
+/// `serve` with the webhook on HTTPS port `webhook` (certificate and key from
+/// `certs`, as written by `certs::write_bundle`) and the resolver endpoint on
+/// loopback port `resolver`. Callers add their flags, then spawn.
+pub fn serve_command(
+    certs: &std::path::Path,
+    webhook: u16,
+    resolver: u16,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"));
+    command
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{webhook}")])
+        .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
+        .arg(format!(
+            "--tls-cert-file={}",
+            certs.join("tls.crt").display()
+        ))
+        .arg(format!(
+            "--tls-key-file={}",
+            certs.join("tls.key").display()
+        ))
+        .kill_on_drop(true);
+    command
+}
+
+/// An HTTPS client that trusts only `ca_pem`.
+pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"))
+        .tls_built_in_root_certs(false)
+        .build()
+        .expect("client")
+}

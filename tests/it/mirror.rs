@@ -41,6 +41,26 @@ fn config(password: &str) -> Vec<u8> {
     .expect("json")
 }
 
+/// A control plane with `deploy/` applied; returns an admin client and one
+/// acting as the deploy's ServiceAccount (its Role must be enough).
+async fn plane_with_deploy() -> (ControlPlane, kube::Client, kube::Client) {
+    let plane = ControlPlane::start();
+    plane.create_namespace("porch-system").await;
+    plane.create_namespace(NS).await;
+    let admin = plane.admin().await;
+    let (ok, out) = crate::e2e::kubectl(
+        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
+        &[
+            "apply",
+            "-k",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
+        ],
+    );
+    assert!(ok, "{out}");
+    let sa = client_from(&plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"])).await;
+    (plane, admin, sa)
+}
+
 fn start_mirror(
     client: kube::Client,
     path: &std::path::Path,
@@ -67,27 +87,7 @@ fn start_mirror(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
-    let mut plane = ControlPlane::start();
-    plane.create_namespace("porch-system").await;
-    plane.create_namespace(NS).await;
-    let admin = plane.admin().await;
-    // Run as the deploy's ServiceAccount: its Role must be enough.
-    let admin_kubeconfig = plane.kubeconfig(ADMIN_TOKEN, "admin");
-    let out = std::process::Command::new("kubectl")
-        .arg(format!("--kubeconfig={}", admin_kubeconfig.display()))
-        .args([
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sa = client_from(&plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"])).await;
+    let (mut plane, admin, sa) = plane_with_deploy().await;
 
     // The mount as the kubelet lays it out: file -> ..data/file.
     let mount = tempfile::tempdir().expect("mount");
@@ -260,28 +260,7 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
     use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
     use std::sync::atomic::Ordering;
 
-    let plane = ControlPlane::start();
-    plane.create_namespace("porch-system").await;
-    plane.create_namespace(NS).await;
-    let admin = plane.admin().await;
-    let out = std::process::Command::new("kubectl")
-        .arg(format!(
-            "--kubeconfig={}",
-            plane.kubeconfig(ADMIN_TOKEN, "admin").display()
-        ))
-        .args([
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sa = client_from(&plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"])).await;
+    let (_plane, admin, sa) = plane_with_deploy().await;
 
     let conflicts = Arc::new(Conflicts::default());
     let (port, ca, _certs) = conflict_webhook(conflicts.clone()).await;

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::common::proxy::{Fault, Kind};
 use crate::resolve_auth::{PASSWORD, token_env};
-use crate::{PlainEnv, admission_settings, basic_auth, cached, docker_config};
+use crate::{PlainEnv, admission_settings, basic_auth, cached, client_trusting, docker_config};
 
 const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 const RESOLVER_TOKEN: &str = "resolver-caller-TOKEN-marker";
@@ -36,14 +36,6 @@ impl Drop for Webhook {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-fn client_trusting(ca_pem: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"))
-        .tls_built_in_root_certs(false)
-        .build()
-        .expect("client")
 }
 
 async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webhook {
