@@ -41,6 +41,14 @@ struct Args {
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
+    /// Percentage of reviews (0-100) whose function image is one not asked
+    /// for before: `--fresh-image` plus a counter (a cold miss each).
+    #[arg(long, default_value_t = 0)]
+    fresh_percent: u64,
+    /// Image (path:tag-prefix under --registry) of the fresh reviews, e.g.
+    /// `fns/burst:t` for tags t0, t1, ... pushed by `sample_registry`.
+    #[arg(long, default_value = "fns/burst:t")]
+    fresh_image: String,
 }
 
 #[tokio::main]
@@ -63,6 +71,20 @@ async fn main() {
         json!(format!("{}/{}", args.registry, args.image));
     let body = Arc::new(serde_json::to_vec(&review).expect("json"));
 
+    let fresh_body = {
+        let review = review.clone();
+        let prefix = format!("{}/{}", args.registry, args.fresh_image);
+        move |n: u64| {
+            let mut review = review.clone();
+            review["request"]["object"]["spec"]["containers"][0]["image"] =
+                json!(format!("{prefix}{n}"));
+            serde_json::to_vec(&review).expect("json")
+        }
+    };
+    let fresh_body = Arc::new(fresh_body);
+    // Every k-th request overall is fresh.
+    let fresh_every = (args.fresh_percent > 0).then(|| 100 / args.fresh_percent.min(100));
+    let fresh_count = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let limit = args.requests.unwrap_or(u64::MAX);
@@ -72,14 +94,26 @@ async fn main() {
         .map(|_| {
             let (client, body, url) = (client.clone(), body.clone(), args.url.clone());
             let (sent, errors) = (sent.clone(), errors.clone());
+            let (fresh_body, fresh_count) = (fresh_body.clone(), fresh_count.clone());
             tokio::spawn(async move {
                 let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-                while Instant::now() < deadline && sent.fetch_add(1, Ordering::SeqCst) < limit {
+                let mut fresh_hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                loop {
+                    let n = sent.fetch_add(1, Ordering::SeqCst);
+                    if Instant::now() >= deadline || n >= limit {
+                        break;
+                    }
+                    let fresh = fresh_every.is_some_and(|k| n % k == k - 1);
+                    let payload = if fresh {
+                        fresh_body(fresh_count.fetch_add(1, Ordering::SeqCst))
+                    } else {
+                        body.as_ref().clone()
+                    };
                     let t = Instant::now();
                     let ok = match client
                         .post(&url)
                         .header("content-type", "application/json")
-                        .body(body.as_ref().clone())
+                        .body(payload)
                         .send()
                         .await
                     {
@@ -89,18 +123,25 @@ async fn main() {
                             .is_ok_and(|v| v["response"]["allowed"] == json!(true)),
                         _ => false,
                     };
-                    let _ = hist.record(t.elapsed().as_micros() as u64);
+                    let took = t.elapsed().as_micros() as u64;
+                    let _ = hist.record(took);
+                    if fresh {
+                        let _ = fresh_hist.record(took);
+                    }
                     if !ok {
                         errors.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                hist
+                (hist, fresh_hist)
             })
         })
         .collect();
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    let mut fresh_hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
     for w in workers {
-        hist.add(w.await.expect("worker")).expect("merge");
+        let (all, fresh) = w.await.expect("worker");
+        hist.add(all).expect("merge");
+        fresh_hist.add(fresh).expect("merge");
     }
     let elapsed = started.elapsed().as_secs_f64();
     let count = hist.len();
@@ -114,6 +155,10 @@ async fn main() {
         "latency_us": {
             "p50": hist.value_at_quantile(0.50), "p90": hist.value_at_quantile(0.90),
             "p99": hist.value_at_quantile(0.99), "p99.9": hist.value_at_quantile(0.999), "max": hist.max(),
+        },
+        "fresh": {
+            "requests": fresh_hist.len(),
+            "latency_us": {"p50": fresh_hist.value_at_quantile(0.50), "p99": fresh_hist.value_at_quantile(0.99), "max": fresh_hist.max()}
         }
     });
     if args.json {
@@ -132,5 +177,14 @@ async fn main() {
             summary["latency_us"]["p99.9"],
             summary["latency_us"]["max"],
         );
+        if fresh_hist.len() > 0 {
+            println!(
+                "    of which {} fresh images (cold misses): p50 {}µs p99 {}µs max {}µs",
+                fresh_hist.len(),
+                fresh_hist.value_at_quantile(0.50),
+                fresh_hist.value_at_quantile(0.99),
+                fresh_hist.max()
+            );
+        }
     }
 }

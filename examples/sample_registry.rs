@@ -1,7 +1,10 @@
 //! Starts Debian's `docker-registry` on 127.0.0.1 with the sample function
 //! images the tests use, prints their references, and runs until Ctrl-C.
 //!
-//!     cargo run --example sample_registry -- [PORT]     (default 5000)
+//!     cargo run --example sample_registry -- [PORT [BURST_TAGS]]
+//!
+//! PORT defaults to 5000. BURST_TAGS (default 0) more tags `fns/burst:t0`,
+//! `t1`, ... of one image, for benchmarks that need many distinct images.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -22,6 +25,31 @@ async fn main() {
     images
         .push(&Pusher::new(registry.url(), reqwest::Client::new()))
         .await;
+    let burst: usize = std::env::args()
+        .nth(2)
+        .map(|n| n.parse().expect("BURST_TAGS must be a number"))
+        .unwrap_or(0);
+    if burst > 0 {
+        use futures_util::StreamExt as _;
+        let pusher = Pusher::new(registry.url(), reqwest::Client::new());
+        let sample = common::oci::image("burst", Some(&["/fn"]), None, "linux/amd64", false);
+        pusher.image("fns/burst", "t0", &sample).await;
+        futures_util::stream::iter(1..burst)
+            .for_each_concurrent(16, |i| {
+                let (pusher, sample) = (&pusher, &sample);
+                async move {
+                    pusher
+                        .manifest(
+                            "fns/burst",
+                            &format!("t{i}"),
+                            &sample.manifest,
+                            sample.media_type,
+                        )
+                        .await;
+                }
+            })
+            .await;
+    }
     let host = &registry.host;
     println!("sample registry on http://{host} (plain HTTP: pass --insecure-registry {host})");
     for (image, digest) in [
@@ -31,6 +59,9 @@ async fn main() {
         ("fns/multi-arch:v1", &images.multi.digest),
     ] {
         println!("  {host}/{image}  {digest}");
+    }
+    if burst > 0 {
+        println!("  {host}/fns/burst:t0 ... t{}", burst - 1);
     }
     println!("ready");
     // Stop on Ctrl-C or SIGTERM alike, so the registry process is never orphaned.

@@ -3,7 +3,9 @@
 #  1. ceiling: a bare axum+rustls handler (examples/ceiling_probe.rs) vs
 #     `fn-image-resolver serve`, same load generator, same run: cache-hit reviews;
 #  2. herd: 200 concurrent cold reviews for one image on a fresh server;
-#  3. registry down with a warm cache;
+#  3. mix: 95% cached reviews, 5% with an image never asked for before;
+#  4. the same mix with every registry request delayed 100 ms (a proxy);
+#  5. registry down with a warm cache;
 #  plus startup time (exec -> /readyz) and resident memory. Scenario 1 runs
 #  with our loadgen and, when installed, with wrk (Debian package wrk).
 #
@@ -15,15 +17,16 @@ cd "$(dirname "$0")/.."
 duration=${DURATION:-10s}
 connections=${CONNECTIONS:-16}
 reg=127.0.0.1:${REGISTRY_PORT:-15100}
-cargo build --quiet --release --bin fn-image-resolver --example sample_registry --example loadgen --example ceiling_probe
+cargo build --quiet --release --bin fn-image-resolver --example sample_registry --example loadgen --example ceiling_probe --example slow_proxy
 bin=target/release/fn-image-resolver
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-target/release/examples/sample_registry "${reg#*:}" >"$work/registry.log" 2>&1 &
+# BURST_TAGS fresh images for the mix scenarios (a cold miss each).
+target/release/examples/sample_registry "${reg#*:}" "${BURST_TAGS:-10000}" >"$work/registry.log" 2>&1 &
 reg_pid=$!; pids+=("$reg_pid")
-for _ in $(seq 100); do grep -q '^ready' "$work/registry.log" && break; sleep 0.1; done
+for _ in $(seq 1200); do grep -q '^ready' "$work/registry.log" && break; sleep 0.1; done
 $bin certs --san 127.0.0.1 --out "$work/certs" >/dev/null
 
 start_serve() { # name port resolver-port
@@ -80,6 +83,27 @@ start_serve herd 18445 19546
 load --url "https://127.0.0.1:18445/mutate?timeout=10s" --concurrency 200 --requests 200
 echo "  registry requests (two images per pod: function + init container):"; registry_requests 19546
 
-echo "== 3. registry down, warm cache"
+total_registry_requests() { curl -sf "http://127.0.0.1:$1/metrics" | awk '/^fn_image_resolver_registry_requests_total/ {n += $NF} END {print n + 0}'; }
+
+echo "== 3. mix: 95% cached, 5% fresh images, $connections connections, $duration"
+before=$(total_registry_requests 19545)
+load --url "https://127.0.0.1:18443/mutate?timeout=10s" --concurrency "$connections" --duration "$duration" --fresh-percent 5
+echo "  registry requests during the mix: $(( $(total_registry_requests 19545) - before ))"
+
+echo "== 4. the same mix, every registry request delayed 100 ms"
+target/release/examples/slow_proxy "http://$reg" 100 >"$work/proxy.log" 2>&1 &
+pids+=("$!")
+for _ in $(seq 100); do grep -q '^ready' "$work/proxy.log" && break; sleep 0.05; done
+slow=$(awk '/^ready/ {print $2}' "$work/proxy.log")
+t0=$(date +%s%N)
+MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-0} $bin serve --listen 127.0.0.1:18446 --tls-cert-file "$work/certs/tls.crt" --tls-key-file "$work/certs/tls.key" \
+    --resolver-listen 127.0.0.1:19548 --insecure-registry "$slow" --log-level error &
+pids+=("$!")
+until curl -sf "http://127.0.0.1:19548/readyz" >/dev/null; do sleep 0.005; done
+target/release/examples/loadgen --ca-file "$work/certs/ca.crt" --registry "$slow" --url "https://127.0.0.1:18446/mutate?timeout=10s" --requests 1 --concurrency 1 | sed 's/^/  first (cold) review: /'
+target/release/examples/loadgen --ca-file "$work/certs/ca.crt" --registry "$slow" --url "https://127.0.0.1:18446/mutate?timeout=10s" \
+    --concurrency "$connections" --duration "$duration" --fresh-percent 5
+
+echo "== 5. registry down, warm cache"
 kill "$reg_pid"; sleep 0.5
 echo -n "  fn-image-resolver:  "; load --url "https://127.0.0.1:18443/mutate?timeout=10s" --concurrency "$connections" --duration 5s
