@@ -27,6 +27,9 @@ pub enum Fault {
     /// Serve this body instead of the registry's (a lying registry), keeping
     /// the registry's headers.
     ReplaceBody(Vec<u8>),
+    /// Answer 307 to the same path on this base URL (as registries redirect
+    /// blob downloads to a storage host).
+    Redirect(String),
 }
 
 /// What a request was for.
@@ -214,6 +217,13 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             }
             Fault::Delay(d) => tokio::time::sleep(d).await,
             Fault::ReplaceBody(body) => replace_body = Some(body),
+            Fault::Redirect(base) => {
+                return Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header("Location", format!("{base}{path_and_query}"))
+                    .body(Body::empty())
+                    .expect("redirect response");
+            }
         }
     }
     let headers: HeaderMap = request

@@ -374,3 +374,43 @@ async fn a_token_server_that_is_down_is_unreachable_and_named() {
     );
     assert!(!msg.contains(PASSWORD));
 }
+
+#[tokio::test]
+async fn a_blob_redirect_to_another_host_carries_no_credentials() {
+    let env = token_env().await;
+    // The "storage" host: another registry with the same (deterministic)
+    // images, reachable without credentials, as a pre-signed URL would be.
+    let storage = Registry::start(None, Auth::None);
+    samples()
+        .push(&Pusher::new(storage.url(), reqwest::Client::new()))
+        .await;
+    let cdn = Proxy::start(&storage.url()).await;
+    env.proxy.set_fault(
+        crate::common::proxy::Fault::Redirect(format!("http://{}", cdn.host)),
+        Some(Kind::Blob),
+    );
+    let host = env.proxy.host.clone();
+    let (_d, cfg) =
+        docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
+    let got = resolver(&env.settings(&cfg))
+        .resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
+        .await
+        .expect("resolves through the redirect");
+    assert_eq!(got.digest, env.samples.entrypoint.digest);
+    let at_cdn = cdn.seen();
+    assert!(
+        !at_cdn.is_empty() && at_cdn.iter().all(|s| s.kind == Kind::Blob),
+        "{at_cdn:?}"
+    );
+    assert!(
+        at_cdn.iter().all(|s| s.authorization.is_none()),
+        "credentials followed the redirect: {at_cdn:?}"
+    );
+    assert!(
+        env.proxy.seen().iter().any(|s| s
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer "))),
+        "the registry itself was sent its token"
+    );
+}
