@@ -177,7 +177,7 @@ async fn main() {
             summary["latency_us"]["p99.9"],
             summary["latency_us"]["max"],
         );
-        if fresh_hist.len() > 0 {
+        if !fresh_hist.is_empty() {
             println!(
                 "    of which {} fresh images (cold misses): p50 {}µs p99 {}µs max {}µs",
                 fresh_hist.len(),
