@@ -4,7 +4,7 @@
 //!     cargo run --example slow_proxy -- http://127.0.0.1:5000 100
 
 #[path = "../tests/common/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 mod common;
 
 use std::time::Duration;
