@@ -329,6 +329,11 @@ pub async fn serve_loopback(
         .http1()
         .header_read_timeout(limits.header_read_timeout);
     info!(addr = %local, "resolver endpoint listening (plain HTTP, loopback)");
+    // The first request of a connection must come within the header
+    // timeout too: this also bounds hyper's protocol detection and an
+    // HTTP/2 client that never sends a request (HTTP/2 has no header
+    // read timeout in hyper).
+    let server = server.first_request_timeout(limits.header_read_timeout);
     drain_on(server, shutdown, limits.drain)
         .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await
@@ -358,6 +363,11 @@ pub async fn serve_tls(
         .http1()
         .header_read_timeout(limits.header_read_timeout);
     info!(addr = %addr, "webhook listening (HTTPS)");
+    // The first request of a connection must come within the header
+    // timeout too: this also bounds hyper's protocol detection and an
+    // HTTP/2 client that never sends a request (HTTP/2 has no header
+    // read timeout in hyper).
+    let server = server.first_request_timeout(limits.header_read_timeout);
     drain_on(server, shutdown, limits.drain)
         .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await

@@ -118,6 +118,16 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         .expect("write");
     until_closed(&mut slow).await;
 
+    // HTTP/2 with prior knowledge that never sends a request: closed within
+    // the same limit.
+    let mut h2 = TcpStream::connect(("127.0.0.1", served.resolver))
+        .await
+        .expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    until_closed(&mut h2).await;
+
     // A body announced but never sent: answered 408, then closed.
     let mut stuck = TcpStream::connect(("127.0.0.1", served.resolver))
         .await
