@@ -29,27 +29,10 @@ async fn main() {
         .nth(2)
         .map(|n| n.parse().expect("BURST_TAGS must be a number"))
         .unwrap_or(0);
-    if burst > 0 {
-        use futures_util::StreamExt as _;
-        let pusher = Pusher::new(registry.url(), reqwest::Client::new());
-        let sample = common::oci::image("burst", Some(&["/fn"]), None, "linux/amd64", false);
-        pusher.image("fns/burst", "t0", &sample).await;
-        futures_util::stream::iter(1..burst)
-            .for_each_concurrent(16, |i| {
-                let (pusher, sample) = (&pusher, &sample);
-                async move {
-                    pusher
-                        .manifest(
-                            "fns/burst",
-                            &format!("t{i}"),
-                            &sample.manifest,
-                            sample.media_type,
-                        )
-                        .await;
-                }
-            })
-            .await;
-    }
+    let sample = common::oci::image("burst", Some(&["/fn"]), None, "linux/amd64", false);
+    Pusher::new(registry.url(), reqwest::Client::new())
+        .tags("fns/burst", "t", &sample, burst)
+        .await;
     let host = &registry.host;
     println!("sample registry on http://{host} (plain HTTP: pass --insecure-registry {host})");
     for (image, digest) in [

@@ -243,6 +243,27 @@ impl Pusher {
             .await;
     }
 
+    /// Pushes `image` under `n` tags `{prefix}0` … `{prefix}{n-1}`: the blobs
+    /// once, then the manifest per tag, 16 at a time.
+    pub async fn tags(&self, repo: &str, prefix: &str, image: &Image, n: usize) {
+        use futures_util::StreamExt as _;
+        if n == 0 {
+            return;
+        }
+        self.image(repo, &format!("{prefix}0"), image).await;
+        futures_util::stream::iter(1..n)
+            .for_each_concurrent(16, |i| async move {
+                self.manifest(
+                    repo,
+                    &format!("{prefix}{i}"),
+                    &image.manifest,
+                    image.media_type,
+                )
+                .await;
+            })
+            .await;
+    }
+
     pub async fn index(&self, repo: &str, tag: &str, index: &Index) {
         for image in &index.images {
             self.blob(repo, &image.layer).await;

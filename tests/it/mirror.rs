@@ -61,6 +61,34 @@ async fn plane_with_deploy() -> (ControlPlane, kube::Client, kube::Client) {
     (plane, admin, sa)
 }
 
+/// A mirror running as `sa` from a kubelet-style mount holding
+/// `config("one")`, and the target Secret as the admin sees it.
+struct Mirrored {
+    mount: tempfile::TempDir,
+    path: std::path::PathBuf,
+    metrics: Arc<Metrics>,
+    status: Arc<MirrorStatus>,
+    shutdown: tokio_util::sync::CancellationToken,
+    secrets: Api<Secret>,
+}
+
+async fn mirrored(sa: &kube::Client, admin: &kube::Client) -> Mirrored {
+    // The mount as the kubelet lays it out: file -> ..data/file.
+    let mount = tempfile::tempdir().expect("mount");
+    kubelet_swap(mount.path(), &config("one"), 1);
+    let path = mount.path().join(".dockerconfigjson");
+    let metrics = Metrics::new();
+    let (status, shutdown) = start_mirror(sa.clone(), &path, metrics.clone());
+    Mirrored {
+        mount,
+        path,
+        metrics,
+        status,
+        shutdown,
+        secrets: Api::namespaced(admin.clone(), NS),
+    }
+}
+
 fn start_mirror(
     client: kube::Client,
     path: &std::path::Path,
@@ -89,14 +117,14 @@ fn start_mirror(
 async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     let (mut plane, admin, sa) = plane_with_deploy().await;
 
-    // The mount as the kubelet lays it out: file -> ..data/file.
-    let mount = tempfile::tempdir().expect("mount");
-    kubelet_swap(mount.path(), &config("one"), 1);
-    let path = mount.path().join(".dockerconfigjson");
-
-    let metrics = Metrics::new();
-    let (status, shutdown) = start_mirror(sa.clone(), &path, metrics.clone());
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    let Mirrored {
+        mount,
+        path,
+        metrics,
+        status,
+        shutdown,
+        secrets,
+    } = mirrored(&sa, &admin).await;
 
     // Missing -> created.
     wait_for(&secrets, &config("one")).await;
@@ -286,12 +314,14 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
         .await
         .expect("register the conflict webhook");
 
-    let mount = tempfile::tempdir().expect("mount");
-    kubelet_swap(mount.path(), &config("one"), 1);
-    let path = mount.path().join(".dockerconfigjson");
-    let metrics = Metrics::new();
-    let (status, shutdown) = start_mirror(sa.clone(), &path, metrics.clone());
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    let Mirrored {
+        mount,
+        metrics,
+        status,
+        shutdown,
+        secrets,
+        ..
+    } = mirrored(&sa, &admin).await;
     wait_for(&secrets, &config("one")).await;
     // The API server picks up webhook configurations asynchronously: wait
     // until it consults ours (a dry-run write, allowed) before arming it.

@@ -276,12 +276,10 @@ async fn plain_http_is_only_used_for_insecure_hosts() {
 async fn a_burst_of_new_images_keeps_registry_requests_within_the_fetch_limit() {
     let env = PlainEnv::start().await;
     let pusher = crate::common::oci::Pusher::new(env.registry.url(), reqwest::Client::new());
+    pusher
+        .tags("fns/burst", "burst-", &env.samples.entrypoint, 12)
+        .await;
     let tags: Vec<String> = (0..12).map(|i| format!("burst-{i}")).collect();
-    for tag in &tags {
-        pusher
-            .image("fns/burst", tag, &env.samples.entrypoint)
-            .await;
-    }
     let mut settings = env.settings();
     settings.max_concurrent_fetches = 3;
     let r = std::sync::Arc::new(resolver(&settings));
