@@ -72,6 +72,8 @@ pub struct Metrics {
     secret_propagation: Histogram,
     /// Unix time at which the webhook's serving certificate expires.
     pub cert_expiry: Gauge,
+    /// HTTP requests being answered right now, both listeners.
+    in_flight: Gauge,
     ratelimit_limit: Family<HostLabel, Gauge>,
     ratelimit_remaining: Family<HostLabel, Gauge>,
     // Handles for the hot path: no label allocation per cache hit.
@@ -164,6 +166,12 @@ impl Metrics {
             "Time from a Docker config change on disk to the pull secret updated",
             secret_propagation.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being answered now (webhook and resolver listeners)",
+            in_flight.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
@@ -206,6 +214,7 @@ impl Metrics {
             secret_last_success,
             secret_propagation,
             cert_expiry,
+            in_flight,
             ratelimit_limit,
             ratelimit_remaining,
         })
@@ -260,6 +269,12 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// Counts a request as in flight until the returned guard drops.
+    pub fn request_started(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     /// Records one served HTTP request.
@@ -318,5 +333,15 @@ impl RequestObserver for Metrics {
                 .get_or_create(&label)
                 .set(as_gauge(remaining));
         }
+    }
+}
+
+/// Counts one request out of `http_requests_in_flight` when dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

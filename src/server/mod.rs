@@ -194,6 +194,9 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let started = Instant::now();
+    // A guard, so a request dropped mid-way (client gone, timeout) is
+    // still counted out.
+    let _in_flight = state.metrics.request_started();
     let response = next.run(request).await;
     state
         .metrics
@@ -305,6 +308,30 @@ fn drain_on<Acc>(
     server.handle(handle)
 }
 
+/// HTTP/1.1 only, with every phase of a connection under a time limit.
+///
+/// hyper's HTTP/1 header timeout runs whenever the connection waits for a
+/// request head: the first one, and again after each answer (so a quiet
+/// keep-alive connection is closed after the same limit). hyper has no such
+/// timeout for HTTP/2, where a client could hold a connection open forever
+/// after its first request (by idling, or by never finishing a header
+/// block), so HTTP/2 is not offered: like controller-runtime's webhook
+/// server, which turned HTTP/2 off after the 2023 Rapid Reset advisories.
+/// The API server then uses HTTP/1.1 with its keep-alive pool.
+fn http1_bounded<Acc>(
+    server: axum_server::Server<SocketAddr, Acc>,
+    limits: HttpLimits,
+) -> axum_server::Server<SocketAddr, Acc> {
+    let mut server = server.http1_only();
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(limits.header_read_timeout);
+    // Also bounds the time from accept (or the TLS handshake's end) to the
+    // first request, before hyper's own timer starts.
+    server.first_request_timeout(limits.header_read_timeout)
+}
+
 fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
     std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
 }
@@ -322,18 +349,10 @@ pub async fn serve_loopback(
     }
     let listener = bind_std(addr)?;
     let local = listener.local_addr().unwrap_or(addr);
-    let mut server =
+    let server =
         axum_server::from_tcp(listener).map_err(|source| ServeError::Bind { addr, source })?;
-    server
-        .http_builder()
-        .http1()
-        .header_read_timeout(limits.header_read_timeout);
+    let server = http1_bounded(server, limits);
     info!(addr = %local, "resolver endpoint listening (plain HTTP, loopback)");
-    // The first request of a connection must come within the header
-    // timeout too: this also bounds hyper's protocol detection and an
-    // HTTP/2 client that never sends a request (HTTP/2 has no header
-    // read timeout in hyper).
-    let server = server.first_request_timeout(limits.header_read_timeout);
     drain_on(server, shutdown, limits.drain)
         .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await
@@ -355,19 +374,11 @@ pub async fn serve_tls(
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
         .handshake_timeout(limits.header_read_timeout);
     let listener = bind_std(addr)?;
-    let mut server = axum_server::from_tcp(listener)
+    let server = axum_server::from_tcp(listener)
         .map_err(|source| ServeError::Bind { addr, source })?
         .acceptor(acceptor);
-    server
-        .http_builder()
-        .http1()
-        .header_read_timeout(limits.header_read_timeout);
+    let server = http1_bounded(server, limits);
     info!(addr = %addr, "webhook listening (HTTPS)");
-    // The first request of a connection must come within the header
-    // timeout too: this also bounds hyper's protocol detection and an
-    // HTTP/2 client that never sends a request (HTTP/2 has no header
-    // read timeout in hyper).
-    let server = server.first_request_timeout(limits.header_read_timeout);
     drain_on(server, shutdown, limits.drain)
         .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
         .await

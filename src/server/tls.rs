@@ -121,8 +121,8 @@ impl ReloadingCert {
         Ok(true)
     }
 
-    /// A rustls server config (TLS 1.2+, h2 and HTTP/1.1) that always serves
-    /// the current certificate.
+    /// A rustls server config (TLS 1.2+, HTTP/1.1 only: see
+    /// `server::serve_tls`) that always serves the current certificate.
     pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(aws_lc_rs::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -130,7 +130,7 @@ impl ReloadingCert {
             .unwrap_or_else(|_| unreachable!("aws-lc-rs supports TLS 1.2 and 1.3"))
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)
     }
 

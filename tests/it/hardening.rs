@@ -66,6 +66,21 @@ impl Served {
         crate::client_trusting(&self.ca)
     }
 
+    /// Requests the server is answering, not counting this one.
+    async fn in_flight(&self) -> i64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.resolver))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fn_image_resolver_http_requests_in_flight "))
+            .expect("in-flight gauge");
+        value.trim().parse::<i64>().expect("number") - 1
+    }
+
     async fn stderr(&mut self) -> String {
         let mut text = String::new();
         if let Some(mut e) = self.child.stderr.take() {
@@ -118,8 +133,7 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         .expect("write");
     until_closed(&mut slow).await;
 
-    // HTTP/2 with prior knowledge that never sends a request: closed within
-    // the same limit.
+    // HTTP/2 with prior knowledge is not spoken: closed, not kept.
     let mut h2 = TcpStream::connect(("127.0.0.1", served.resolver))
         .await
         .expect("connect");
@@ -127,6 +141,18 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         .await
         .expect("write");
     until_closed(&mut h2).await;
+
+    // A keep-alive connection that goes quiet after its answer: closed
+    // within the header limit too, not held for the next request forever.
+    let mut quiet = TcpStream::connect(("127.0.0.1", served.resolver))
+        .await
+        .expect("connect");
+    quiet
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = until_closed(&mut quiet).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // A body announced but never sent: answered 408, then closed.
     let mut stuck = TcpStream::connect(("127.0.0.1", served.resolver))
@@ -150,6 +176,9 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         .await
         .expect("healthz over TLS");
     assert_eq!(resp.status().as_u16(), 200);
+    // The client offers h2 and HTTP/1.1 (as the API server does); the
+    // webhook picks HTTP/1.1, whose every phase is under a limit.
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
     let resp = reqwest::get(format!("http://127.0.0.1:{}/healthz", served.resolver))
         .await
         .expect("healthz");
@@ -195,7 +224,18 @@ async fn sigterm_under_webhook_load_drains_every_review() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Signal only once the server is answering all of them: a request
+    // still on its way (TCP or TLS not yet accepted) at SIGTERM is refused,
+    // not drained, and the API server retries it elsewhere.
+    let mut answering = 0;
+    for _ in 0..400 {
+        answering = served.in_flight().await;
+        if answering >= 24 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(answering, 24, "reviews in flight before SIGTERM");
     let pid = served.child.id().expect("pid").to_string();
     assert!(
         std::process::Command::new("kill")
