@@ -1,30 +1,36 @@
 //! The one resolver cache behind the webhook, the HTTP endpoint and the CLI.
 //!
-//! Built on moka rather than quick_cache: moka's `try_get_with` runs one
-//! loader per key and hands its error to every waiter (quick_cache retries a
-//! failed load once per waiter, in turn), and its per-entry `Expiry` gives
-//! digest-pinned answers no expiry, tag answers a stale horizon and failures a
-//! short life without a sweeper of our own. Its TinyLFU admission keeps a scan
-//! of one-off images from flushing the hot function images.
+//! One quick_cache map: image as written + platform → what the registry
+//! said, with the parse of the image and the credential identity it was
+//! fetched with. quick_cache rather than moka because an entry costs about
+//! 60 bytes of bookkeeping there against about 300 in moka (measured, see
+//! BENCHMARKS.md), and a hit is one read-locked probe. What moka gave for
+//! free is done here, on read:
+//! - lifetimes: each entry carries its fetch time; a hit checks it (pinned
+//!   answers never expire, tag answers are revalidated after the TTL and
+//!   served stale up to the max staleness, failures live briefly);
+//! - one fetch per key: concurrent misses wait on quick_cache's placeholder,
+//!   and the loader always inserts an entry, its error included, so every
+//!   waiter gets the one answer; a transient error is only served to requests
+//!   that were already waiting for it, the next request fetches again.
 //!
-//! Key: normalized reference + platform + credential identity, so two
-//! credentials never share an answer. Value: what the registry said and when.
+//! Its eviction (CLOCK-Pro-like, with a ghost list) keeps a scan of one-off
+//! images from flushing the hot function images.
+//!
+//! An answer is only served with the credential it was fetched with: a hit
+//! whose credential identity differs from the current one is a miss, so two
+//! credentials never share an answer.
 
-use std::sync::{Arc, Weak};
-
-use arc_swap::ArcSwapOption;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use moka::Expiry;
-use moka::future::Cache;
-use moka::notification::RemovalCause;
+use quick_cache::sync::{EntryAction, EntryResult};
+use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, UnitWeighter};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use futures_util::FutureExt as _;
-
 use crate::registry::{
     CredentialId, ImageInfo, ImageRef, KeyedCredential, Platform, RegistryError, Resolution,
     ResolveError, Resolver,
@@ -78,99 +84,97 @@ impl CacheStatus {
     }
 }
 
+/// The image exactly as the caller wrote it: looking it up needs no parse
+/// (the reference grammar is a backtracking regex, about a third of a
+/// webhook review's instructions when it ran on every hit). Two spellings of
+/// one image are two entries, each fetched once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    reference: Arc<str>,
-    platform: Platform,
-    credential: Option<CredentialId>,
+    image: Box<str>,
+    /// Shared: nearly every key holds the default platform.
+    platform: Arc<Platform>,
+}
+
+/// A borrowed [`Key`] for lookups without allocating. Hashes like `Key`
+/// (`str` and `Platform` hash the same behind a `Box`, an `Arc` or a `&`).
+#[derive(Clone, Copy, Hash)]
+struct KeyRef<'a> {
+    image: &'a str,
+    platform: &'a Platform,
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.image == &*key.image && self.platform == &*key.platform
+    }
 }
 
 #[derive(Debug)]
 struct Entry {
+    /// The parse of the key's image, kept for hits (credential choice,
+    /// building answers) and revalidation.
+    reference: ImageRef,
+    /// Who fetched it: served only while that is still the credential for
+    /// its registry.
+    credential: Option<CredentialId>,
     outcome: Result<ImageInfo, RegistryError>,
     fetched_at: Instant,
     /// Digest-pinned references never change: never revalidated, never expire.
     pinned: bool,
     revalidating: AtomicBool,
+    /// The webhook's answer, built once from this entry on its first hit
+    /// (a refreshed entry is a new `Entry`, so it can never be out of date).
+    answer: OnceLock<Arc<Resolution>>,
 }
 
 impl Entry {
-    fn new(outcome: Result<ImageInfo, RegistryError>, pinned: bool) -> Arc<Self> {
+    fn new(
+        reference: ImageRef,
+        credential: Option<CredentialId>,
+        outcome: Result<ImageInfo, RegistryError>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            pinned: reference.digest().is_some(),
+            reference,
+            credential,
             outcome,
             fetched_at: Instant::now(),
-            pinned,
             revalidating: AtomicBool::new(false),
+            answer: OnceLock::new(),
         })
     }
 }
 
-/// Per-entry lifetimes: pinned answers live until evicted, tag answers until
-/// they are too stale to serve, failures briefly.
-struct Lifetimes(CacheSettings);
+/// What an entry gives a request.
+enum Verdict {
+    Serve(CacheStatus),
+    Fail(RegistryError),
+    /// Expired, fetched with another credential, or a transient failure
+    /// that predates the request: fetch again.
+    Refetch,
+}
 
-impl Lifetimes {
-    fn of(&self, entry: &Entry) -> Option<Duration> {
-        match &entry.outcome {
-            Err(_) => Some(self.0.negative_ttl),
-            Ok(_) if entry.pinned => None,
-            Ok(_) => Some(self.0.tag_ttl + self.0.max_stale),
-        }
+/// Counts capacity evictions (replacements are not evictions).
+#[derive(Clone)]
+struct CountEvictions(Arc<Metrics>);
+
+impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: Key, _: Arc<Entry>) {
+        self.0.cache_evictions.inc();
     }
 }
 
-impl Expiry<Key, Arc<Entry>> for Lifetimes {
-    fn expire_after_create(
-        &self,
-        _: &Key,
-        value: &Arc<Entry>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        self.of(value)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        value: &Arc<Entry>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        self.of(value)
-    }
-}
-
-/// An image string as parsed once: the oci-spec grammar is a regex whose
-/// backtracking search dominated a cache hit (about a third of a webhook
-/// review's instructions under callgrind), so hits look the parse up instead.
-///
-/// It also keeps the last answer built for this string from the default
-/// platform's entry: a hit on the same entry hands out that answer again
-/// instead of formatting a new one (the pinned reference, the platform...).
-#[derive(Debug)]
-struct Parsed {
-    reference: ImageRef,
-    normalized: Arc<str>,
-    last: ArcSwapOption<Built>,
-}
-
-/// An answer built from one cache entry; valid while that entry is current
-/// (a refreshed or replaced entry is a new allocation, so `from` no longer
-/// points at it).
-#[derive(Debug)]
-struct Built {
-    from: Weak<Entry>,
-    resolution: Arc<Resolution>,
-    status: CacheStatus,
-}
+type Answers =
+    quick_cache::sync::Cache<Key, Arc<Entry>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
 
 /// A [`Resolver`] with the shared cache in front. Cheap to clone.
 #[derive(Clone)]
 pub struct CachedResolver {
     resolver: Arc<Resolver>,
-    cache: Cache<Key, Arc<Entry>>,
-    /// Image string as written → its parse. Bounded like the answers.
-    parsed: moka::sync::Cache<Box<str>, Arc<Parsed>>,
+    answers: Arc<Answers>,
+    default_platform: Arc<Platform>,
     settings: CacheSettings,
     metrics: Arc<Metrics>,
 }
@@ -178,7 +182,7 @@ pub struct CachedResolver {
 impl std::fmt::Debug for CachedResolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedResolver")
-            .field("entries", &self.cache.entry_count())
+            .field("entries", &self.answers.len())
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -186,140 +190,22 @@ impl std::fmt::Debug for CachedResolver {
 
 impl CachedResolver {
     pub fn new(resolver: Arc<Resolver>, settings: CacheSettings, metrics: Arc<Metrics>) -> Self {
-        let evictions = metrics.clone();
-        let cache = Cache::builder()
-            .max_capacity(settings.capacity)
-            .expire_after(Lifetimes(settings.clone()))
-            .support_invalidation_closures()
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == RemovalCause::Size {
-                    evictions.cache_evictions.inc();
-                }
-            })
-            .build();
-        let parsed = moka::sync::Cache::new(settings.capacity);
+        let capacity = usize::try_from(settings.capacity)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let answers = Answers::with(
+            capacity,
+            capacity as u64,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            CountEvictions(metrics.clone()),
+        );
         Self {
+            default_platform: Arc::new(resolver.default_platform().clone()),
             resolver,
-            cache,
-            parsed,
+            answers: Arc::new(answers),
             settings,
             metrics,
-        }
-    }
-
-    fn parse(&self, image: &str) -> Result<Arc<Parsed>, ResolveError> {
-        if let Some(parsed) = self.parsed.get(image) {
-            return Ok(parsed);
-        }
-        // Invalid strings are not remembered: they must not take the room
-        // of valid ones, and their error is cheap to find again.
-        let reference = self.resolver.parse(image)?;
-        let parsed = Arc::new(Parsed {
-            normalized: reference.to_string().into(),
-            reference,
-            last: ArcSwapOption::empty(),
-        });
-        self.parsed.insert(image.into(), parsed.clone());
-        Ok(parsed)
-    }
-
-    fn key(
-        &self,
-        parsed: &Parsed,
-        platform: &Platform,
-        credential: Option<&KeyedCredential>,
-    ) -> Key {
-        Key {
-            reference: parsed.normalized.clone(),
-            platform: platform.clone(),
-            credential: credential.map(|c| c.id),
-        }
-    }
-
-    /// The answer for `image` if the cache can give it without waiting for
-    /// the registry (fresh or stale-but-servable, or a remembered failure);
-    /// `None` when a fetch is needed. Lets the webhook answer cache hits on
-    /// its own task instead of spawning one per image.
-    pub fn resolve_cached(
-        &self,
-        image: &str,
-    ) -> Option<Result<(Arc<Resolution>, CacheStatus), ResolveError>> {
-        let parsed = match self.parse(image) {
-            Ok(p) => p,
-            Err(e) => return Some(Err(e)),
-        };
-        let platform = self.resolver.default_platform();
-        let credential = self.resolver.credential_for(&parsed.reference);
-        let key = self.key(&parsed, platform, credential.as_deref());
-        // moka's `get` does not wait on loads; it is async only in signature.
-        let entry = self.cache.get(&key).now_or_never().flatten()?;
-        let answer = self.serve(key, &entry, &parsed.reference, credential.as_ref())?;
-        let (info, status) = match answer {
-            Ok(found) => found,
-            Err(source) => {
-                return Some(Err(ResolveError::Registry {
-                    image: image.to_string(),
-                    source,
-                }));
-            }
-        };
-        if let Some(built) = &*parsed.last.load()
-            && built.status == status
-            && std::ptr::eq(built.from.as_ptr(), Arc::as_ptr(&entry))
-        {
-            return Some(Ok((built.resolution.clone(), status)));
-        }
-        let resolution =
-            Arc::new(self.resolution(image, &parsed, &info, platform, credential.as_ref()));
-        parsed.last.store(Some(Arc::new(Built {
-            from: Arc::downgrade(&entry),
-            resolution: resolution.clone(),
-            status,
-        })));
-        Some(Ok((resolution, status)))
-    }
-
-    fn resolution(
-        &self,
-        image: &str,
-        parsed: &Parsed,
-        info: &ImageInfo,
-        platform: &Platform,
-        credential: Option<&Arc<KeyedCredential>>,
-    ) -> Resolution {
-        Resolution::new(
-            image,
-            &parsed.reference,
-            info,
-            platform,
-            self.resolver.pull_secret_for(credential),
-        )
-    }
-
-    /// What a cached entry gives: `None` when it is too stale to serve.
-    fn serve(
-        &self,
-        key: Key,
-        entry: &Arc<Entry>,
-        reference: &ImageRef,
-        credential: Option<&Arc<KeyedCredential>>,
-    ) -> Option<Result<(ImageInfo, CacheStatus), RegistryError>> {
-        let age = entry.fetched_at.elapsed();
-        match &entry.outcome {
-            Err(e) => {
-                self.metrics.cache_lookup("negative");
-                Some(Err(e.clone()))
-            }
-            Ok(info) if entry.pinned || age < self.settings.tag_ttl => {
-                self.metrics.cache_lookup("hit");
-                Some(Ok((info.clone(), CacheStatus::Hit)))
-            }
-            Ok(info) if age < self.settings.tag_ttl + self.settings.max_stale => {
-                self.metrics.cache_lookup("stale");
-                self.revalidate_in_background(key, entry.clone(), reference, credential);
-                Some(Ok((info.clone(), CacheStatus::Stale)))
-            }
-            Ok(_) => None,
         }
     }
 
@@ -328,7 +214,107 @@ impl CachedResolver {
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.answers.len() as u64
+    }
+
+    /// What `entry` gives a request that started at `started`. Counts the
+    /// lookup and starts a revalidation when it serves a stale tag.
+    fn verdict(
+        &self,
+        key: KeyRef<'_>,
+        entry: &Arc<Entry>,
+        started: Instant,
+        credential: Option<&Arc<KeyedCredential>>,
+    ) -> Verdict {
+        if credential.map(|c| c.id) != entry.credential {
+            return Verdict::Refetch;
+        }
+        let age = entry.fetched_at.elapsed();
+        // Fetched after this request began: it is the fetch this request
+        // waited for (already counted as its miss).
+        let awaited = started < entry.fetched_at;
+        let count = |result| {
+            if !awaited {
+                self.metrics.cache_lookup(result);
+            }
+        };
+        match &entry.outcome {
+            Ok(_) if awaited => Verdict::Serve(CacheStatus::Miss),
+            Err(e) if e.kind().is_definitive() => {
+                if age < self.settings.negative_ttl {
+                    count("negative");
+                    Verdict::Fail(e.clone())
+                } else {
+                    Verdict::Refetch
+                }
+            }
+            // A transient failure is the answer of the fetch the request
+            // waited for; a request arriving after it tries again.
+            Err(e) if awaited => Verdict::Fail(e.clone()),
+            Err(_) => Verdict::Refetch,
+            Ok(_) if entry.pinned || age < self.settings.tag_ttl => {
+                count("hit");
+                Verdict::Serve(CacheStatus::Hit)
+            }
+            Ok(_) if age < self.settings.tag_ttl + self.settings.max_stale => {
+                count("stale");
+                self.revalidate_in_background(key, entry.clone(), credential);
+                Verdict::Serve(CacheStatus::Stale)
+            }
+            Ok(_) => Verdict::Refetch,
+        }
+    }
+
+    /// The answer for `image` if the cache can give it without waiting for
+    /// the registry (fresh or stale-but-servable, or a remembered failure);
+    /// `None` when a fetch is needed; an invalid image's error at once. Lets
+    /// the webhook answer cache hits on
+    /// its own task instead of spawning one per image.
+    pub fn resolve_cached(
+        &self,
+        image: &str,
+    ) -> Option<Result<(Arc<Resolution>, CacheStatus), ResolveError>> {
+        let platform = self.resolver.default_platform();
+        let key = KeyRef { image, platform };
+        let Some(entry) = self.answers.get(&key) else {
+            // A miss: the caller fetches, unless the image cannot be one.
+            return self.resolver.parse(image).err().map(Err);
+        };
+        let credential = self.resolver.credential_for(&entry.reference);
+        let status = match self.verdict(key, &entry, Instant::now(), credential.as_ref()) {
+            Verdict::Serve(status) => status,
+            Verdict::Fail(source) => {
+                return Some(Err(ResolveError::Registry {
+                    image: image.to_string(),
+                    source,
+                }));
+            }
+            Verdict::Refetch => return None,
+        };
+        let Ok(info) = &entry.outcome else {
+            return None;
+        };
+        let answer = entry.answer.get_or_init(|| {
+            Arc::new(self.resolution(image, &entry.reference, info, platform, credential.as_ref()))
+        });
+        Some(Ok((answer.clone(), status)))
+    }
+
+    fn resolution(
+        &self,
+        image: &str,
+        reference: &ImageRef,
+        info: &ImageInfo,
+        platform: &Platform,
+        credential: Option<&Arc<KeyedCredential>>,
+    ) -> Resolution {
+        Resolution::new(
+            image,
+            reference,
+            info,
+            platform,
+            self.resolver.pull_secret_for(credential),
+        )
     }
 
     /// Resolves `image` through the cache.
@@ -337,57 +323,96 @@ impl CachedResolver {
         image: &str,
         platform: Option<&Platform>,
     ) -> Result<(Resolution, CacheStatus), ResolveError> {
-        let parsed = self.parse(image)?;
         let platform = platform.unwrap_or(self.resolver.default_platform());
-        let credential = self.resolver.credential_for(&parsed.reference);
-        let (info, status) = self
-            .lookup(&parsed, platform, credential.as_ref())
-            .await
-            .map_err(|source| ResolveError::Registry {
+        let (entry, status, credential) = self.lookup(image, platform).await?;
+        match &entry.outcome {
+            Ok(info) => Ok((
+                self.resolution(image, &entry.reference, info, platform, credential.as_ref()),
+                status,
+            )),
+            Err(source) => Err(ResolveError::Registry {
                 image: image.to_string(),
-                source,
-            })?;
-        let resolution = self.resolution(image, &parsed, &info, platform, credential.as_ref());
-        Ok((resolution, status))
+                source: source.clone(),
+            }),
+        }
     }
 
+    /// The entry that answers `image`, fetching it when no entry can.
     async fn lookup(
         &self,
-        parsed: &Parsed,
+        image: &str,
         platform: &Platform,
-        credential: Option<&Arc<KeyedCredential>>,
-    ) -> Result<(ImageInfo, CacheStatus), RegistryError> {
-        let reference = &parsed.reference;
-        let key = self.key(parsed, platform, credential.map(|c| &**c));
-        if let Some(entry) = self.cache.get(&key).await {
-            match self.serve(key.clone(), &entry, reference, credential) {
-                Some(answer) => return answer,
-                // Too stale to serve: fetch like a miss.
-                None => self.cache.invalidate(&key).await,
+    ) -> Result<(Arc<Entry>, CacheStatus, Option<Arc<KeyedCredential>>), ResolveError> {
+        let started = Instant::now();
+        let key = KeyRef { image, platform };
+        let fail = |source| ResolveError::Registry {
+            image: image.to_string(),
+            source,
+        };
+        if let Some(entry) = self.answers.get(&key) {
+            let credential = self.resolver.credential_for(&entry.reference);
+            match self.verdict(key, &entry, started, credential.as_ref()) {
+                Verdict::Serve(status) => return Ok((entry, status, credential)),
+                Verdict::Fail(e) => return Err(fail(e)),
+                Verdict::Refetch => {}
             }
         }
         self.metrics.cache_lookup("miss");
-        let pinned = reference.digest().is_some();
-        let resolver = self.resolver.clone();
-        let credential = credential.map(|c| &c.credential);
-        let loaded = self
-            .cache
-            .try_get_with(key, async move {
-                match resolver.fetch(reference, platform, credential).await {
-                    Ok(info) => Ok(Entry::new(Ok(info), pinned)),
-                    // Definitive failures are remembered briefly; transient
-                    // ones are only shared with the concurrent waiters.
-                    Err(e) if e.kind().is_definitive() => Ok(Entry::new(Err(e), pinned)),
-                    Err(e) => Err(e),
+        let owned = Key {
+            image: image.into(),
+            platform: self.shared_platform(platform),
+        };
+        // Either an entry arrived meanwhile (another request fetched it, and
+        // this one waited), or this request gets the placeholder and fetches.
+        // The callback runs under the shard's lock: no cache calls in it.
+        let guard = match self
+            .answers
+            .entry_async(&owned, |_, entry| {
+                let credential = self.resolver.credential_for(&entry.reference);
+                match self.verdict(key, entry, started, credential.as_ref()) {
+                    Verdict::Serve(status) => {
+                        EntryAction::Retain(Ok((entry.clone(), status, credential)))
+                    }
+                    Verdict::Fail(e) => EntryAction::Retain(Err(e)),
+                    Verdict::Refetch => EntryAction::ReplaceWithGuard,
                 }
             })
+            .await
+        {
+            EntryResult::Retained(answer) => return answer.map_err(fail),
+            EntryResult::Vacant(guard) | EntryResult::Replaced(guard, _) => guard,
+            // Neither is asked for above.
+            EntryResult::Removed(..) | EntryResult::Timeout => {
+                unreachable!("entry_async without Remove or a timeout")
+            }
+        };
+        // An invalid image is not remembered: it must not take the room of
+        // valid ones, and its error is cheap to find again. Dropping the
+        // guard hands the placeholder to the next waiter.
+        let reference = self.resolver.parse(image)?;
+        let credential = self.resolver.credential_for(&reference);
+        let outcome = self
+            .resolver
+            .fetch(
+                &reference,
+                platform,
+                credential.as_deref().map(|c| &c.credential),
+            )
             .await;
-        match loaded {
-            Ok(entry) => match &entry.outcome {
-                Ok(info) => Ok((info.clone(), CacheStatus::Miss)),
-                Err(e) => Err(e.clone()),
-            },
-            Err(shared) => Err((*shared).clone()),
+        let entry = Entry::new(reference, credential.as_ref().map(|c| c.id), outcome);
+        // Failures are inserted too: that is how the waiters get this one.
+        let _ = guard.insert(entry.clone());
+        match &entry.outcome {
+            Ok(_) => Ok((entry, CacheStatus::Miss, credential)),
+            Err(e) => Err(fail(e.clone())),
+        }
+    }
+
+    fn shared_platform(&self, platform: &Platform) -> Arc<Platform> {
+        if platform == &*self.default_platform {
+            self.default_platform.clone()
+        } else {
+            Arc::new(platform.clone())
         }
     }
 
@@ -396,44 +421,46 @@ impl CachedResolver {
     /// serving the old answer until `max_stale`. One revalidation per entry.
     fn revalidate_in_background(
         &self,
-        key: Key,
+        key: KeyRef<'_>,
         entry: Arc<Entry>,
-        reference: &ImageRef,
         credential: Option<&Arc<KeyedCredential>>,
     ) {
         if entry.revalidating.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
-        let reference = reference.clone();
+        let key = Key {
+            image: key.image.into(),
+            platform: self.shared_platform(key.platform),
+        };
         let credential = credential.cloned();
         tokio::spawn(async move {
             let Ok(old) = &entry.outcome else { return };
-            let credential = credential.as_deref().map(|c| &c.credential);
-            let outcome = match this.resolver.current_digest(&reference, credential).await {
+            let reference = &entry.reference;
+            let login = credential.as_deref().map(|c| &c.credential);
+            let outcome = match this.resolver.current_digest(reference, login).await {
                 Ok(Some(digest)) if digest == old.digest => {
                     debug!(image = %reference, "tag unchanged");
                     Ok(old.clone())
                 }
-                Ok(_) => {
-                    this.resolver
-                        .fetch(&reference, &key.platform, credential)
-                        .await
-                }
+                Ok(_) => this.resolver.fetch(reference, &key.platform, login).await,
                 Err(e) => Err(e),
             };
+            let id = credential.as_ref().map(|c| c.id);
             match outcome {
                 Ok(info) => {
                     if info.digest != old.digest {
                         info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
                     }
                     this.metrics.cache_revalidation("refreshed");
-                    this.cache.insert(key, Entry::new(Ok(info), false)).await;
+                    this.answers
+                        .insert(key, Entry::new(reference.clone(), id, Ok(info)));
                 }
                 Err(e) if e.kind().is_definitive() => {
                     warn!(image = %reference, error = %e, "cached tag is no longer resolvable");
                     this.metrics.cache_revalidation("gone");
-                    this.cache.insert(key, Entry::new(Err(e), false)).await;
+                    this.answers
+                        .insert(key, Entry::new(reference.clone(), id, Err(e)));
                 }
                 Err(e) => {
                     warn!(image = %reference, error = %e, age_secs = entry.fetched_at.elapsed().as_secs(), "registry failing; serving the cached answer");
@@ -446,17 +473,7 @@ impl CachedResolver {
 
     /// Drops answers fetched with credentials that are no longer configured.
     pub fn retain_credentials(&self, current: &[CredentialId]) {
-        let current = current.to_vec();
-        let result = self.cache.invalidate_entries_if(move |key, _| {
-            key.credential.is_some_and(|id| !current.contains(&id))
-        });
-        if let Err(e) = result {
-            warn!(error = %e, "cannot invalidate cache entries for old credentials");
-        }
-    }
-
-    /// Applies pending evictions now (tests and metrics want exact counts).
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+        self.answers
+            .retain(|_, entry| entry.credential.is_none_or(|id| current.contains(&id)));
     }
 }

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -111,7 +111,8 @@ enum Verdict {
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     allowed: Arc<Vec<String>>,
-    verdicts: moka::future::Cache<[u8; 32], Verdict>,
+    /// Token SHA-256 → verdict and when it was given.
+    verdicts: Arc<quick_cache::sync::Cache<[u8; 32], (Verdict, Instant)>>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -133,16 +134,15 @@ impl TokenReviewer {
         Self {
             api: Api::all(client),
             allowed: Arc::new(allowed),
-            verdicts: moka::future::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(VERDICT_TTL)
-                .build(),
+            verdicts: Arc::new(quick_cache::sync::Cache::new(10_000)),
         }
     }
 
     async fn verdict(&self, token: &str) -> Result<Verdict, kube::Error> {
         let key = digest(token);
-        if let Some(v) = self.verdicts.get(&key).await {
+        if let Some((v, at)) = self.verdicts.get(&key)
+            && at.elapsed() < VERDICT_TTL
+        {
             return Ok(v);
         }
         let review = TokenReview {
@@ -172,7 +172,7 @@ impl TokenReviewer {
                 }
             }
         };
-        self.verdicts.insert(key, verdict).await;
+        self.verdicts.insert(key, (verdict, Instant::now()));
         Ok(verdict)
     }
 }

@@ -167,7 +167,6 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    state.cache.run_pending_tasks().await;
     state
         .metrics
         .cache_entries

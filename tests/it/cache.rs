@@ -283,7 +283,6 @@ async fn capacity_is_respected_under_a_stream_of_distinct_images() {
             .await
             .expect("resolves");
     }
-    cache.run_pending_tasks().await;
     assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
     let text = metrics.encode();
     let evicted: u64 = text
@@ -334,7 +333,6 @@ async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     let mut dropped = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        cache.run_pending_tasks().await;
         if cache.entry_count() == 0 {
             dropped = true;
             break;
