@@ -66,8 +66,9 @@ pub struct ImageInfo {
     pub config_entrypoint: Vec<String>,
     /// `Config.Cmd` as in the image.
     pub cmd: Vec<String>,
-    /// Platform of the config that was read.
-    pub platform: Option<Platform>,
+    /// Platform of the config that was read, when it is not the one asked
+    /// for (boxed and usually absent: an `ImageInfo` is in every cache entry).
+    pub platform: Option<Box<Platform>>,
 }
 
 impl ImageInfo {
@@ -119,7 +120,7 @@ impl Resolution {
             entrypoint: info.entrypoint().to_vec(),
             cmd: info.cmd.clone(),
             config_entrypoint: info.config_entrypoint.clone(),
-            platform: info.platform.as_ref().unwrap_or(platform).to_string(),
+            platform: info.platform.as_deref().unwrap_or(platform).to_string(),
             registry: reference.registry().to_string(),
             pull_secret: pull_secret.map(str::to_string),
         }
@@ -444,7 +445,7 @@ impl Resolver {
             digest,
             config_entrypoint: parsed.entrypoint,
             cmd: parsed.cmd,
-            platform: parsed.platform,
+            platform: parsed.platform.filter(|p| p != platform).map(Box::new),
         })
     }
 }

@@ -16,13 +16,14 @@ const DOCKER_HUB_API: &str = "registry-1.docker.io";
 /// Longest reference we look at; the grammar allows 255 for the name alone.
 const MAX_REFERENCE_LEN: usize = 1024;
 
-/// A parsed, normalized image reference.
+/// A parsed, normalized image reference. Boxed strings: one lives in every
+/// cache entry, and they never grow.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
-    registry: String,
-    repository: String,
-    tag: Option<String>,
-    digest: Option<String>,
+    registry: Box<str>,
+    repository: Box<str>,
+    tag: Option<Box<str>>,
+    digest: Option<Box<str>>,
 }
 
 /// Why a string is not a usable image reference.
@@ -111,10 +112,10 @@ impl ImageRef {
             repository = format!("library/{repository}");
         }
         Ok(Self {
-            registry,
-            repository,
-            tag: parsed.tag().map(str::to_string),
-            digest: parsed.digest().map(str::to_string),
+            registry: registry.into(),
+            repository: repository.into(),
+            tag: parsed.tag().map(Box::from),
+            digest: parsed.digest().map(Box::from),
         })
     }
 
@@ -125,7 +126,7 @@ impl ImageRef {
 
     /// The host the registry API is served from.
     pub fn api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB {
+        if &*self.registry == DOCKER_HUB {
             DOCKER_HUB_API
         } else {
             &self.registry
