@@ -68,12 +68,7 @@ impl Served {
 
     /// Requests the server is answering, not counting this one.
     async fn in_flight(&self) -> i64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.resolver))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = crate::metrics_text(&format!("http://127.0.0.1:{}", self.resolver)).await;
         let value = text
             .lines()
             .find_map(|l| l.strip_prefix("fn_image_resolver_http_requests_in_flight "))
@@ -188,12 +183,7 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
     let pem = std::fs::read(served.certs.path().join("tls.crt")).expect("cert");
     let (_, der) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
     let cert = der.parse_x509().expect("x509");
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", served.resolver))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::metrics_text(&format!("http://127.0.0.1:{}", served.resolver)).await;
     let want = format!(
         "fn_image_resolver_tls_certificate_expiry_timestamp_seconds {}",
         cert.validity().not_after.timestamp()

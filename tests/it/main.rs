@@ -210,6 +210,16 @@ pub fn serve_command(
     command
 }
 
+/// The Prometheus text a server publishes at `base` + `/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// An HTTPS client that trusts only `ca_pem`.
 pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
     reqwest::Client::builder()

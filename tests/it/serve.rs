@@ -197,12 +197,7 @@ async fn health_readiness_and_metrics() {
     let (status, ready) = get(&format!("{}/readyz", endpoint.base)).await;
     assert_eq!(status, 200);
     assert_eq!(ready["checks"]["resolver"]["ready"], true);
-    let metrics = reqwest::get(format!("{}/metrics", endpoint.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::metrics_text(&endpoint.base).await;
     for line in [
         "fn_image_resolver_cache_lookups_total{result=\"hit\"} 1",
         "fn_image_resolver_cache_lookups_total{result=\"miss\"} 1",
