@@ -294,6 +294,40 @@ async fn capacity_is_respected_under_a_stream_of_distinct_images() {
 }
 
 #[tokio::test]
+async fn a_scan_of_one_off_images_does_not_flush_a_hot_one() {
+    let env = PlainEnv::start().await;
+    let pusher = Pusher::new(env.registry.url(), reqwest::Client::new());
+    pusher
+        .tags(
+            "fns/one-off",
+            "t",
+            &image("one-off", Some(&["/fn"]), None, "linux/amd64", false),
+            40,
+        )
+        .await;
+    let mut settings = CacheSettings::default();
+    settings.capacity = 8;
+    let (cache, _) = cached(&env.settings(), settings);
+    let hot = env.image("fns/set-namespace:v0.4");
+    for _ in 0..3 {
+        cache.resolve(&hot, None).await.expect("hot image");
+    }
+    let fetched = env.proxy.total();
+    for i in 0..40 {
+        cache
+            .resolve(&env.image(&format!("fns/one-off:t{i}")), None)
+            .await
+            .expect("one-off image");
+    }
+    assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
+    let before = env.proxy.total();
+    assert!(before > fetched, "the scan went to the registry");
+    let (_, status) = cache.resolve(&hot, None).await.expect("hot image");
+    assert_eq!(status, CacheStatus::Hit, "the hot image survived the scan");
+    assert_eq!(env.proxy.total(), before, "and was not fetched again");
+}
+
+#[tokio::test]
 async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     let env = PlainEnv::start().await;
     let host = env.proxy.host.clone();
