@@ -305,8 +305,10 @@ async fn a_scan_of_one_off_images_does_not_flush_a_hot_one() {
             40,
         )
         .await;
-    let mut settings = CacheSettings::default();
-    settings.capacity = 8;
+    let settings = CacheSettings {
+        capacity: 8,
+        ..CacheSettings::default()
+    };
     let (cache, _) = cached(&env.settings(), settings);
     let hot = env.image("fns/set-namespace:v0.4");
     for _ in 0..3 {
