@@ -330,6 +330,46 @@ async fn a_scan_of_one_off_images_does_not_flush_a_hot_one() {
 }
 
 #[tokio::test]
+async fn an_answer_is_served_only_with_the_credential_it_was_fetched_with() {
+    let env = PlainEnv::start().await;
+    let host = env.proxy.host.clone();
+    let login =
+        |password: &str| json!({"auths": {host.clone(): {"username": "u", "password": password}}});
+    let (_dir, path) = docker_config(&login("old"));
+    let mut settings = env.settings();
+    settings.private_registries = true;
+    settings.docker_config_path = path.clone();
+    let (cache, _) = cached(&settings, CacheSettings::default());
+    let image = env.image("fns/set-namespace:v0.4");
+    assert_eq!(
+        cache.resolve(&image, None).await.expect("miss").1,
+        CacheStatus::Miss
+    );
+    assert_eq!(
+        cache.resolve(&image, None).await.expect("hit").1,
+        CacheStatus::Hit
+    );
+    let fetched = env.proxy.total();
+
+    // A new credential in place, and no watcher to drop the old answers:
+    // the entry itself says it was fetched with another one.
+    std::fs::write(&path, serde_json::to_vec(&login("new")).expect("json")).expect("write");
+    assert!(cache.resolver().credentials().reload().expect("reload"));
+    let (again, status) = cache.resolve(&image, None).await.expect("refetch");
+    assert_eq!(status, CacheStatus::Miss);
+    assert_eq!(again.pull_secret.as_deref(), Some("auth-secret"));
+    assert!(
+        env.proxy.total() > fetched,
+        "fetched again with the new credential"
+    );
+    let (_, status) = cache
+        .resolve_cached(&image)
+        .expect("cached")
+        .expect("answer");
+    assert_eq!(status, CacheStatus::Hit, "and that answer is cached");
+}
+
+#[tokio::test]
 async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     let env = PlainEnv::start().await;
     let host = env.proxy.host.clone();
