@@ -267,8 +267,8 @@ impl CachedResolver {
 
     /// The answer for `image` if the cache can give it without waiting for
     /// the registry (fresh or stale-but-servable, or a remembered failure);
-    /// `None` when a fetch is needed; an invalid image's error at once. Lets
-    /// the webhook answer cache hits on
+    /// `None` when [`Self::resolve`] is needed (to fetch, or to report an
+    /// invalid image). Lets the webhook answer cache hits on
     /// its own task instead of spawning one per image.
     pub fn resolve_cached(
         &self,
@@ -276,10 +276,9 @@ impl CachedResolver {
     ) -> Option<Result<(Arc<Resolution>, CacheStatus), ResolveError>> {
         let platform = self.resolver.default_platform();
         let key = KeyRef { image, platform };
-        let Some(entry) = self.answers.get(&key) else {
-            // A miss: the caller fetches, unless the image cannot be one.
-            return self.resolver.parse(image).err().map(Err);
-        };
+        // A miss, or an invalid image: `resolve` fetches or says why not
+        // (parsing here too would cost a second parse on every miss).
+        let entry = self.answers.get(&key)?;
         let credential = self.resolver.credential_for(&entry.reference);
         let status = match self.verdict(key, &entry, Instant::now(), credential.as_ref()) {
             Verdict::Serve(status) => status,

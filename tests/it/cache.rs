@@ -436,10 +436,15 @@ async fn the_no_wait_path_agrees_with_the_full_one_and_follows_a_moved_tag() {
         "nothing cached yet: the caller must fetch"
     );
     assert_eq!(env.proxy.total(), 0, "the no-wait path never fetches");
-    match cache.resolve_cached("Not A Reference") {
-        Some(Err(e)) => assert_eq!(e.kind(), ErrorKind::InvalidReference),
+    assert!(
+        cache.resolve_cached("Not A Reference").is_none(),
+        "never cached: the full path reports it"
+    );
+    match cache.resolve("Not A Reference", None).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidReference),
         other => panic!("expected an invalid-reference error, got {other:?}"),
     }
+    assert_eq!(env.proxy.total(), 0, "and contacts no registry");
 
     let (full, _) = cache.resolve(&tag, None).await.expect("miss");
     let (first, status) = cache.resolve_cached(&tag).expect("cached").expect("answer");
