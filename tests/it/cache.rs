@@ -260,6 +260,22 @@ async fn definitive_failures_are_cached_briefly_transient_ones_not_at_all() {
     assert_eq!(env.proxy.total(), 3, "5xx is retried on the next request");
 }
 
+/// Resolves `repo:t0` .. `repo:t{n-1}` once each, through a cache of 8.
+async fn resolve_tags(
+    cache: &fn_image_resolver::cache::CachedResolver,
+    env: &PlainEnv,
+    repo: &str,
+    n: usize,
+) {
+    for i in 0..n {
+        cache
+            .resolve(&env.image(&format!("{repo}:t{i}")), None)
+            .await
+            .expect("resolves");
+    }
+    assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
+}
+
 #[tokio::test]
 async fn capacity_is_respected_under_a_stream_of_distinct_images() {
     let env = PlainEnv::start().await;
@@ -277,13 +293,7 @@ async fn capacity_is_respected_under_a_stream_of_distinct_images() {
     let mut settings = short_ttl();
     settings.capacity = 8;
     let (cache, metrics) = cached(&env.settings(), settings);
-    for i in 0..40 {
-        cache
-            .resolve(&env.image(&format!("fns/set-namespace:t{i}")), None)
-            .await
-            .expect("resolves");
-    }
-    assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
+    resolve_tags(&cache, &env, "fns/set-namespace", 40).await;
     let text = metrics.encode();
     let evicted: u64 = text
         .lines()
@@ -315,13 +325,7 @@ async fn a_scan_of_one_off_images_does_not_flush_a_hot_one() {
         cache.resolve(&hot, None).await.expect("hot image");
     }
     let fetched = env.proxy.total();
-    for i in 0..40 {
-        cache
-            .resolve(&env.image(&format!("fns/one-off:t{i}")), None)
-            .await
-            .expect("one-off image");
-    }
-    assert!(cache.entry_count() <= 8, "{} entries", cache.entry_count());
+    resolve_tags(&cache, &env, "fns/one-off", 40).await;
     let before = env.proxy.total();
     assert!(before > fetched, "the scan went to the registry");
     let (_, status) = cache.resolve(&hot, None).await.expect("hot image");
