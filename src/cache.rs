@@ -147,7 +147,8 @@ impl Entry {
 
 /// What an entry gives a request.
 enum Verdict {
-    Serve(CacheStatus),
+    /// Its answer, with the credential it was fetched with (still current).
+    Serve(CacheStatus, Option<Arc<KeyedCredential>>),
     Fail(RegistryError),
     /// Expired, fetched with another credential, or a transient failure
     /// that predates the request: fetch again.
@@ -219,14 +220,9 @@ impl CachedResolver {
 
     /// What `entry` gives a request that started at `started`. Counts the
     /// lookup and starts a revalidation when it serves a stale tag.
-    fn verdict(
-        &self,
-        key: KeyRef<'_>,
-        entry: &Arc<Entry>,
-        started: Instant,
-        credential: Option<&Arc<KeyedCredential>>,
-    ) -> Verdict {
-        if credential.map(|c| c.id) != entry.credential {
+    fn verdict(&self, key: KeyRef<'_>, entry: &Arc<Entry>, started: Instant) -> Verdict {
+        let credential = self.resolver.credential_for(&entry.reference);
+        if credential.as_ref().map(|c| c.id) != entry.credential {
             return Verdict::Refetch;
         }
         let age = entry.fetched_at.elapsed();
@@ -239,7 +235,7 @@ impl CachedResolver {
             }
         };
         match &entry.outcome {
-            Ok(_) if awaited => Verdict::Serve(CacheStatus::Miss),
+            Ok(_) if awaited => Verdict::Serve(CacheStatus::Miss, credential),
             Err(e) if e.kind().is_definitive() => {
                 if age < self.settings.negative_ttl {
                     count("negative");
@@ -254,12 +250,12 @@ impl CachedResolver {
             Err(_) => Verdict::Refetch,
             Ok(_) if entry.pinned || age < self.settings.tag_ttl => {
                 count("hit");
-                Verdict::Serve(CacheStatus::Hit)
+                Verdict::Serve(CacheStatus::Hit, credential)
             }
             Ok(_) if age < self.settings.tag_ttl + self.settings.max_stale => {
                 count("stale");
-                self.revalidate_in_background(key, entry.clone(), credential);
-                Verdict::Serve(CacheStatus::Stale)
+                self.revalidate_in_background(key, entry.clone(), credential.as_ref());
+                Verdict::Serve(CacheStatus::Stale, credential)
             }
             Ok(_) => Verdict::Refetch,
         }
@@ -279,9 +275,8 @@ impl CachedResolver {
         // A miss, or an invalid image: `resolve` fetches or says why not
         // (parsing here too would cost a second parse on every miss).
         let entry = self.answers.get(&key)?;
-        let credential = self.resolver.credential_for(&entry.reference);
-        let status = match self.verdict(key, &entry, Instant::now(), credential.as_ref()) {
-            Verdict::Serve(status) => status,
+        let (status, credential) = match self.verdict(key, &entry, Instant::now()) {
+            Verdict::Serve(status, credential) => (status, credential),
             Verdict::Fail(source) => {
                 return Some(Err(ResolveError::Registry {
                     image: image.to_string(),
@@ -349,9 +344,8 @@ impl CachedResolver {
             source,
         };
         if let Some(entry) = self.answers.get(&key) {
-            let credential = self.resolver.credential_for(&entry.reference);
-            match self.verdict(key, &entry, started, credential.as_ref()) {
-                Verdict::Serve(status) => return Ok((entry, status, credential)),
+            match self.verdict(key, &entry, started) {
+                Verdict::Serve(status, credential) => return Ok((entry, status, credential)),
                 Verdict::Fail(e) => return Err(fail(e)),
                 Verdict::Refetch => {}
             }
@@ -366,15 +360,12 @@ impl CachedResolver {
         // The callback runs under the shard's lock: no cache calls in it.
         let guard = match self
             .answers
-            .entry_async(&owned, |_, entry| {
-                let credential = self.resolver.credential_for(&entry.reference);
-                match self.verdict(key, entry, started, credential.as_ref()) {
-                    Verdict::Serve(status) => {
-                        EntryAction::Retain(Ok((entry.clone(), status, credential)))
-                    }
-                    Verdict::Fail(e) => EntryAction::Retain(Err(e)),
-                    Verdict::Refetch => EntryAction::ReplaceWithGuard,
+            .entry_async(&owned, |_, entry| match self.verdict(key, entry, started) {
+                Verdict::Serve(status, credential) => {
+                    EntryAction::Retain(Ok((entry.clone(), status, credential)))
                 }
+                Verdict::Fail(e) => EntryAction::Retain(Err(e)),
+                Verdict::Refetch => EntryAction::ReplaceWithGuard,
             })
             .await
         {

@@ -272,9 +272,9 @@ impl Metrics {
     }
 
     /// Counts a request as in flight until the returned guard drops.
-    pub fn request_started(&self) -> InFlight {
+    pub fn request_started(&self) -> InFlight<'_> {
         self.in_flight.inc();
-        InFlight(self.in_flight.clone())
+        InFlight(&self.in_flight)
     }
 
     /// Records one served HTTP request.
@@ -338,9 +338,9 @@ impl RequestObserver for Metrics {
 
 /// Counts one request out of `http_requests_in_flight` when dropped.
 #[derive(Debug)]
-pub struct InFlight(Gauge);
+pub struct InFlight<'a>(&'a Gauge);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
