@@ -8,9 +8,19 @@ use fn_image_resolver::cache::{CacheSettings, CacheStatus};
 use fn_image_resolver::registry::ErrorKind;
 use serde_json::json;
 
-use crate::common::oci::{Pusher, image};
+use crate::common::oci::{Image, Pusher, image};
 use crate::common::proxy::{Fault, Kind};
 use crate::{Endpoint, PlainEnv, cached, docker_config};
+
+/// Pushes a new image (`label`, Entrypoint `[entrypoint]`) under
+/// `fns/set-namespace:v0.4`: the tag moves in the registry. Returns it.
+async fn move_set_namespace(env: &PlainEnv, label: &str, entrypoint: &str) -> Image {
+    let moved = image(label, Some(&[entrypoint]), None, "linux/amd64", false);
+    Pusher::new(env.registry.url(), reqwest::Client::new())
+        .image("fns/set-namespace", "v0.4", &moved)
+        .await;
+    moved
+}
 
 fn short_ttl() -> CacheSettings {
     CacheSettings {
@@ -99,16 +109,7 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
     assert_eq!(first.digest, env.samples.entrypoint.digest);
 
     // Move the tag in the registry.
-    let moved = image(
-        "set-namespace v2",
-        Some(&["/new-function"]),
-        None,
-        "linux/amd64",
-        false,
-    );
-    Pusher::new(env.registry.url(), reqwest::Client::new())
-        .image("fns/set-namespace", "v0.4", &moved)
-        .await;
+    let moved = move_set_namespace(&env, "set-namespace v2", "/new-function").await;
 
     env.proxy.reset();
     let (before, status) = cache.resolve(&tag, None).await.expect("hit");
@@ -457,16 +458,7 @@ async fn the_no_wait_path_agrees_with_the_full_one_and_follows_a_moved_tag() {
     let (again, _) = cache.resolve_cached(&tag).expect("cached").expect("answer");
     assert!(Arc::ptr_eq(&first, &again), "a hit reuses the built answer");
 
-    let moved = image(
-        "set-namespace v3",
-        Some(&["/moved"]),
-        None,
-        "linux/amd64",
-        false,
-    );
-    Pusher::new(env.registry.url(), reqwest::Client::new())
-        .image("fns/set-namespace", "v0.4", &moved)
-        .await;
+    let moved = move_set_namespace(&env, "set-namespace v3", "/moved").await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     let (stale, status) = cache
         .resolve_cached(&tag)
