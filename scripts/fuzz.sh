@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../fuzz"
 per_target=${SECONDS_PER_TARGET:-60}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(reference docker_config admission registry_json www_authenticate)
+    targets=(reference reference_oracle docker_config admission registry_json www_authenticate)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod manifest;
+pub mod grammar;
 pub mod reference;
 pub mod tls;
 

@@ -1,29 +1,37 @@
 //! Image references: parsing, the default function prefix, and normalization.
 //!
-//! The Docker reference grammar itself is parsed by `oci-spec`; this module adds
-//! what Porch needs on top: bare function names expand with the default prefix,
+//! The Docker reference grammar itself is in [`super::grammar`]; this module
+//! adds what Porch needs on top: bare function names expand with the default prefix,
 //! every Docker Hub spelling becomes `docker.io`, registry hosts are compared
 //! case-insensitively, and a tag is kept next to a digest for readability.
 
 use std::fmt;
 
-use oci_spec::distribution::Reference;
+use super::grammar;
 
 /// Canonical name of Docker Hub in references, cache keys and credential lookups.
 pub const DOCKER_HUB: &str = "docker.io";
 /// Where Docker Hub's registry API actually lives.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
-/// Longest reference we look at; the grammar allows 255 for the name alone.
+/// Longest reference we look at, before the grammar runs. Every part but the
+/// host is bounded by the grammar (path 255, tag 128, digest 135) and the
+/// host by [`check_host`], so a valid reference, normalized and pinned, stays
+/// well under this (at most 780).
 const MAX_REFERENCE_LEN: usize = 1024;
+/// Longest DNS name.
+const MAX_HOST_LEN: usize = 253;
 
-/// A parsed, normalized image reference. Boxed strings: one lives in every
-/// cache entry, and they never grow.
+/// A parsed, normalized image reference, `registry/repository[:tag][@digest]`,
+/// in one string with the ends of its parts: one lives in every cache entry,
+/// and one allocation is a third of four.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
-    registry: Box<str>,
-    repository: Box<str>,
-    tag: Option<Box<str>>,
-    digest: Option<Box<str>>,
+    text: Box<str>,
+    /// Where the registry, the repository and the tag end in `text` (the
+    /// tag's end is the repository's when there is no tag).
+    registry_end: u16,
+    repository_end: u16,
+    tag_end: u16,
 }
 
 /// Why a string is not a usable image reference.
@@ -66,6 +74,23 @@ fn is_host(segment: &str) -> bool {
     segment.contains('.') || segment.contains(':') || segment.eq_ignore_ascii_case("localhost")
 }
 
+/// The grammar takes any number of DNS labels and port digits; a host that
+/// could be dialled has at most 253 characters and a port below 65536.
+fn check_host(host: &str) -> Result<(), ReferenceError> {
+    let (name, port) = host.split_once(':').unwrap_or((host, ""));
+    if name.len() > MAX_HOST_LEN {
+        return Err(invalid(format!(
+            "the registry host is longer than {MAX_HOST_LEN} characters"
+        )));
+    }
+    if !port.is_empty() && (port.len() > 5 || port.parse::<u16>().is_err()) {
+        return Err(invalid(format!(
+            "the registry port {port:?} is not a port number"
+        )));
+    }
+    Ok(())
+}
+
 impl ImageRef {
     /// Parses `input`. A bare name without any `/` (e.g. `set-namespace:v0.4`)
     /// is a catalog function and gets `default_prefix` in front, as Porch does.
@@ -100,109 +125,105 @@ impl ImageRef {
             lowered = format!("{host}/{rest}");
             text = &lowered;
         }
-        let parsed = Reference::try_from(text).map_err(|e| invalid(describe(e, text)))?;
-        let registry = normalize_host(parsed.registry());
-        let mut repository = parsed.repository().to_string();
+        let parts = grammar::split(text).map_err(|e| invalid(describe(e, text)))?;
+        check_host(parts.registry)?;
+        let registry = normalize_host(parts.registry);
+        let mut repository = parts.repository.into_owned();
         // The grammar lets a first segment like `UPPER/` through as a would-be
         // host; once it is known to be a Docker Hub namespace it must be lower case.
         if repository.chars().any(|c| c.is_ascii_uppercase()) {
             return Err(invalid("the repository name must be lower case"));
         }
+        // `registry-1.docker.io/x` only becomes Docker Hub here.
         if registry == DOCKER_HUB && !repository.contains('/') {
             repository = format!("library/{repository}");
         }
+        let mut text = format!("{registry}/{repository}");
+        let registry_end = registry.len();
+        let repository_end = text.len();
+        if let Some(tag) = parts.tag {
+            text.push(':');
+            text.push_str(tag);
+        }
+        let tag_end = text.len();
+        if let Some(digest) = parts.digest {
+            text.push('@');
+            text.push_str(digest);
+        }
+        // Fits: MAX_REFERENCE_LEN bounds every part (see there).
+        let end = |i: usize| u16::try_from(i).map_err(|_| invalid("the reference is too long"));
         Ok(Self {
-            registry: registry.into(),
-            repository: repository.into(),
-            tag: parsed.tag().map(Box::from),
-            digest: parsed.digest().map(Box::from),
+            registry_end: end(registry_end)?,
+            repository_end: end(repository_end)?,
+            tag_end: end(tag_end)?,
+            text: text.into(),
         })
     }
 
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
     pub fn registry(&self) -> &str {
-        &self.registry
+        &self.text[..usize::from(self.registry_end)]
     }
 
     /// The host the registry API is served from.
     pub fn api_host(&self) -> &str {
-        if &*self.registry == DOCKER_HUB {
-            DOCKER_HUB_API
-        } else {
-            &self.registry
+        match self.registry() {
+            DOCKER_HUB => DOCKER_HUB_API,
+            registry => registry,
         }
     }
 
     pub fn repository(&self) -> &str {
-        &self.repository
+        &self.text[usize::from(self.registry_end) + 1..usize::from(self.repository_end)]
     }
 
     pub fn tag(&self) -> Option<&str> {
-        self.tag.as_deref()
+        (self.tag_end > self.repository_end)
+            .then(|| &self.text[usize::from(self.repository_end) + 1..usize::from(self.tag_end)])
     }
 
     pub fn digest(&self) -> Option<&str> {
-        self.digest.as_deref()
+        self.text.get(usize::from(self.tag_end) + 1..)
     }
 
     /// What to ask the registry for: the digest when pinned, else the tag.
     pub fn manifest_reference(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or("latest")
+        self.digest().or(self.tag()).unwrap_or("latest")
     }
 
     /// `registry/repository`, without tag or digest.
-    pub fn name(&self) -> String {
-        format!("{}/{}", self.registry, self.repository)
+    pub fn name(&self) -> &str {
+        &self.text[..usize::from(self.repository_end)]
     }
 
     /// The reference pinned to `digest`, keeping the tag for readability:
     /// `registry/repo:tag@sha256:…` (or `registry/repo@sha256:…` without a tag).
-    pub fn pinned(&self, digest: &str) -> String {
-        match &self.tag {
-            Some(tag) => format!("{}:{tag}@{digest}", self.name()),
-            None => format!("{}@{digest}", self.name()),
-        }
+    pub fn pinned(&self, digest: impl fmt::Display) -> String {
+        format!("{}@{digest}", &self.text[..usize::from(self.tag_end)])
     }
 }
 
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
-        if let Some(tag) = &self.tag {
-            write!(f, ":{tag}")?;
-        }
-        if let Some(digest) = &self.digest {
-            write!(f, "@{digest}")?;
-        }
-        Ok(())
+        f.write_str(&self.text)
     }
 }
 
-/// Turns the grammar's terse errors into something a user can act on.
-fn describe(error: oci_spec::distribution::ParseError, text: &str) -> String {
-    use oci_spec::distribution::ParseError as E;
-    match error {
-        E::DigestInvalidFormat => "the digest is not of the form algorithm:hex".into(),
-        E::DigestInvalidLength => "the digest has the wrong length for its algorithm".into(),
-        E::DigestUnsupported => "the digest algorithm is not sha256, sha384 or sha512".into(),
-        E::NameContainsUppercase => "the repository name must be lower case".into(),
-        E::NameEmpty => "the repository name is empty".into(),
-        E::NameTooLong => "the repository name is longer than 255 characters".into(),
-        E::TagInvalidFormat => "the tag is not valid".into(),
-        E::ReferenceInvalidFormat => {
-            if text.chars().any(|c| c.is_ascii_uppercase()) {
-                "the repository name must be lower case".into()
-            } else if let Some((_, digest)) = text.split_once('@')
-                && !digest.contains('/')
-            {
-                format!("the digest {digest:?} is not algorithm:hex with at least 32 hex digits")
-            } else {
-                "it does not match the reference grammar host[:port]/path[:tag][@digest]".into()
-            }
-        }
+/// Says more than the grammar's error where the input shows what is wrong.
+fn describe(error: grammar::GrammarError, text: &str) -> String {
+    if error != grammar::GrammarError::Format {
+        return error.to_string();
+    }
+    if !text.is_ascii() {
+        "it has characters outside ASCII, which the reference grammar does not allow".into()
+    } else if text.chars().any(|c| c.is_ascii_uppercase()) {
+        "the repository name must be lower case".into()
+    } else if let Some((_, digest)) = text.split_once('@')
+        && !digest.contains('/')
+    {
+        format!("the digest {digest:?} is not algorithm:hex with at least 32 hex digits")
+    } else {
+        error.to_string()
     }
 }
 
@@ -318,6 +339,18 @@ mod tests {
         }
         let long = format!("ghcr.io/{}", "a".repeat(2000));
         assert!(ImageRef::parse(&long, PREFIX).is_err());
+        let long_host = format!("{}.example.com/a/b", "h".repeat(250));
+        let e = ImageRef::parse(&long_host, PREFIX).expect_err("host too long");
+        assert!(e.reason.contains("host is longer"), "{e}");
+        for port in ["65536", "000005000"] {
+            let e =
+                ImageRef::parse(&format!("example.com:{port}/a"), PREFIX).expect_err("not a port");
+            assert!(e.reason.contains("not a port"), "{port}: {e}");
+        }
+        assert!(ImageRef::parse("example.com:65535/a", PREFIX).is_ok());
+        assert!(
+            ImageRef::parse("ÿ/a:vé", PREFIX).is_err_and(|e| e.reason.contains("outside ASCII"))
+        );
     }
 
     #[test]
