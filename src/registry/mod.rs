@@ -194,6 +194,7 @@ pub struct Resolver {
     resolve_timeout: Duration,
     /// One permit per resolution talking to a registry.
     fetches: tokio::sync::Semaphore,
+    max_fetches: usize,
 }
 
 impl Resolver {
@@ -252,7 +253,13 @@ impl Resolver {
             pull_secret_name: settings.pull_secret_name.clone(),
             resolve_timeout: settings.resolve_timeout,
             fetches: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
+            max_fetches: settings.max_concurrent_fetches.max(1),
         })
+    }
+
+    /// Most resolutions talking to registries at once (`--max-concurrent-fetches`).
+    pub fn max_concurrent_fetches(&self) -> usize {
+        self.max_fetches
     }
 
     pub fn credentials(&self) -> &Arc<Credentials> {

@@ -8,6 +8,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -201,21 +202,29 @@ pub async fn resolve_batch(
         ));
     }
     let platform = platform(batch.platform.as_deref())?;
-    let results = futures_util::future::join_all(batch.images.iter().map(|image| {
+    // No more images in flight than could fetch at once: the rest would only
+    // wait for a fetch permit, each holding its (kilobytes large) future;
+    // with join_all a burst of batches of misses held hundreds of them.
+    let in_flight = state.cache.resolver().max_concurrent_fetches();
+    // Owned images: a stream of futures borrowing the batch is not `Send`
+    // for every lifetime, as axum needs.
+    let results: Vec<_> = futures_util::stream::iter(batch.images.into_iter().map(|image| {
         let state = state.clone();
         let platform = platform.clone();
         async move {
-            if let Err(refused) = check_allowed(&state, image) {
+            if let Err(refused) = check_allowed(&state, &image) {
                 return json!({"image": image, "error": refused.body()});
             }
-            match state.cache.resolve(image, platform.as_ref()).await {
+            match state.cache.resolve(&image, platform.as_ref()).await {
                 Ok((resolution, cached)) => {
                     serde_json::to_value(Resolved { resolution, cached }).unwrap_or_default()
                 }
-                Err(e) => error_json(image, &e),
+                Err(e) => error_json(&image, &e),
             }
         }
     }))
+    .buffered(in_flight)
+    .collect()
     .await;
     Ok(Json(json!({"results": results})))
 }
