@@ -21,8 +21,8 @@
 //! whose credential identity differs from the current one is a miss, so two
 //! credentials never share an answer.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::{EntryAction, EntryResult};
@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    CredentialId, ImageInfo, ImageRef, KeyedCredential, Platform, RegistryError, Resolution,
-    ResolveError, Resolver,
+    CredentialId, ImageAnswer, ImageInfo, ImageRef, KeyedCredential, Platform, RegistryError,
+    Resolution, ResolveError, Resolver,
 };
 
 /// Cache limits and lifetimes.
@@ -122,9 +122,6 @@ struct Entry {
     /// Digest-pinned references never change: never revalidated, never expire.
     pinned: bool,
     revalidating: AtomicBool,
-    /// The webhook's answer, built once from this entry on its first hit
-    /// (a refreshed entry is a new `Entry`, so it can never be out of date).
-    answer: OnceLock<Arc<Resolution>>,
 }
 
 impl Entry {
@@ -140,8 +137,33 @@ impl Entry {
             outcome,
             fetched_at: Instant::now(),
             revalidating: AtomicBool::new(false),
-            answer: OnceLock::new(),
         })
+    }
+}
+
+/// A resolved image for the webhook: the cache entry itself, so a hit
+/// copies nothing and the entry keeps nothing more than its answer.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// Its outcome is an answer: only those are handed out.
+    entry: Arc<Entry>,
+    needs_pull_secret: bool,
+}
+
+impl Cached {
+    /// What the patch is built from (`None` never happens: failures are
+    /// not `Cached`).
+    pub fn answer(&self) -> Option<ImageAnswer<'_>> {
+        let info = self.entry.outcome.as_ref().ok()?;
+        Some(ImageAnswer {
+            reference: &self.entry.reference,
+            info,
+            needs_pull_secret: self.needs_pull_secret,
+        })
+    }
+
+    pub fn needs_pull_secret(&self) -> bool {
+        self.needs_pull_secret
     }
 }
 
@@ -263,35 +285,45 @@ impl CachedResolver {
 
     /// The answer for `image` if the cache can give it without waiting for
     /// the registry (fresh or stale-but-servable, or a remembered failure);
-    /// `None` when [`Self::resolve`] is needed (to fetch, or to report an
-    /// invalid image). Lets the webhook answer cache hits on
-    /// its own task instead of spawning one per image.
+    /// `None` when [`Self::resolve_for_pod`] is needed (to fetch, or to
+    /// report an invalid image). Lets the webhook answer cache hits on its
+    /// own task instead of spawning one per image.
     pub fn resolve_cached(
         &self,
         image: &str,
-    ) -> Option<Result<(Arc<Resolution>, CacheStatus), ResolveError>> {
+    ) -> Option<Result<(Cached, CacheStatus), ResolveError>> {
         let platform = self.resolver.default_platform();
         let key = KeyRef { image, platform };
-        // A miss, or an invalid image: `resolve` fetches or says why not
-        // (parsing here too would cost a second parse on every miss).
+        // A miss, or an invalid image: `resolve_for_pod` fetches or says why
+        // not (parsing here too would cost a second parse on every miss).
         let entry = self.answers.get(&key)?;
-        let (status, credential) = match self.verdict(key, &entry, Instant::now()) {
-            Verdict::Serve(status, credential) => (status, credential),
-            Verdict::Fail(source) => {
-                return Some(Err(ResolveError::Registry {
-                    image: image.to_string(),
-                    source,
-                }));
+        match self.verdict(key, &entry, Instant::now()) {
+            Verdict::Serve(status, credential) => {
+                Some(Ok((self.cached(entry, credential), status)))
             }
-            Verdict::Refetch => return None,
-        };
-        let Ok(info) = &entry.outcome else {
-            return None;
-        };
-        let answer = entry.answer.get_or_init(|| {
-            Arc::new(self.resolution(image, &entry.reference, info, platform, credential.as_ref()))
-        });
-        Some(Ok((answer.clone(), status)))
+            Verdict::Fail(source) => Some(Err(ResolveError::Registry {
+                image: image.to_string(),
+                source,
+            })),
+            Verdict::Refetch => None,
+        }
+    }
+
+    /// Resolves `image` for a pod (default platform), fetching on a miss.
+    pub async fn resolve_for_pod(
+        &self,
+        image: &str,
+    ) -> Result<(Cached, CacheStatus), ResolveError> {
+        let (entry, status, credential) =
+            self.lookup(image, self.resolver.default_platform()).await?;
+        Ok((self.cached(entry, credential), status))
+    }
+
+    fn cached(&self, entry: Arc<Entry>, credential: Option<Arc<KeyedCredential>>) -> Cached {
+        Cached {
+            entry,
+            needs_pull_secret: self.resolver.pull_secret_for(credential).is_some(),
+        }
     }
 
     fn resolution(
@@ -331,7 +363,8 @@ impl CachedResolver {
         }
     }
 
-    /// The entry that answers `image`, fetching it when no entry can.
+    /// The entry that answers `image`, fetching it when no entry can. Its
+    /// outcome is always an answer: failures come back as the error.
     async fn lookup(
         &self,
         image: &str,
@@ -429,7 +462,7 @@ impl CachedResolver {
             let reference = &entry.reference;
             let login = credential.as_deref().map(|c| &c.credential);
             let outcome = match this.resolver.current_digest(reference, login).await {
-                Ok(Some(digest)) if digest == old.digest => {
+                Ok(Some(digest)) if old.digest.is(&digest) => {
                     debug!(image = %reference, "tag unchanged");
                     Ok(old.clone())
                 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use fn_image_resolver::admission::mutate::{Pod, plan};
 use fn_image_resolver::admission::{Scope, decode};
-use fn_image_resolver::registry::Resolution;
+use fn_image_resolver::registry::{Digest, ImageAnswer, ImageInfo, ImageRef};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -22,32 +22,33 @@ fn images(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
-/// Every image resolves, with an entrypoint and a pull secret.
-fn table(images: &[String]) -> HashMap<String, Resolution> {
+/// Every image resolves, with an entrypoint and a pull secret; one that is
+/// not a valid reference stands for a fixed one, so that odd image strings
+/// still get patched.
+fn table(images: &[String]) -> HashMap<String, (ImageRef, ImageInfo)> {
     images
         .iter()
         .map(|image| {
-            let base = image.split('@').next().unwrap_or(image);
-            let pinned = format!("{base}@{DIGEST}");
-            let resolution = Resolution {
-                image: image.clone(),
-                reference: base.to_string(),
-                digest: DIGEST.into(),
-                pinned: if image.contains('@') {
-                    image.clone()
-                } else {
-                    pinned
-                },
-                entrypoint: vec!["/fn".into()],
-                cmd: vec!["--serve".into()],
-                config_entrypoint: vec!["/fn".into()],
-                platform: "linux/amd64".into(),
-                registry: "r.example.com".into(),
-                pull_secret: Some("auth-secret".into()),
+            let reference = ImageRef::parse(image, "")
+                .or_else(|_| ImageRef::parse("r.example.com/fn:v1", ""))
+                .expect("a valid fallback");
+            let info = ImageInfo {
+                digest: Digest::new(DIGEST),
+                config_entrypoint: Box::new(["/fn".into()]),
+                cmd: Box::new(["--serve".into()]),
+                platform: None,
             };
-            (image.clone(), resolution)
+            (image.clone(), (reference, info))
         })
         .collect()
+}
+
+fn answer((reference, info): &(ImageRef, ImageInfo)) -> ImageAnswer<'_> {
+    ImageAnswer {
+        reference,
+        info,
+        needs_pull_secret: true,
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -58,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let resolved = table(&images(&pod));
-    let lookup = |image: &str| resolved.get(image);
+    let lookup = |image: &str| resolved.get(image).map(answer);
     let Ok(mutation) = plan(&pod, &lookup, Some("auth-secret")) else {
         return;
     };
@@ -78,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
     // Reinvocation: the patched pod needs nothing more.
     let patched: Pod = serde_json::from_value(object).expect("a patched pod still reads as a Pod");
     let resolved = table(&images(&patched));
-    let lookup = |image: &str| resolved.get(image);
+    let lookup = |image: &str| resolved.get(image).map(answer);
     let again = plan(&patched, &lookup, Some("auth-secret")).expect("second pass");
     assert!(
         again.operations.is_empty(),

@@ -13,8 +13,9 @@ use serde_json::value::RawValue;
 use tracing::{debug, info, warn};
 
 use self::mutate::Pod;
+use crate::cache::Cached;
 use crate::cache::{CacheStatus, CachedResolver};
-use crate::registry::{Resolution, ResolveError};
+use crate::registry::ResolveError;
 use crate::secrets::MirrorStatus;
 
 /// What to do when the registry cannot answer in time (transient failures).
@@ -331,10 +332,7 @@ impl Admitter {
                 None => {
                     let cache = self.cache.clone();
                     let owned = image.clone();
-                    let task = tokio::spawn(async move {
-                        let (resolution, status) = cache.resolve(&owned, None).await?;
-                        Ok((Arc::new(resolution), status))
-                    });
+                    let task = tokio::spawn(async move { cache.resolve_for_pod(&owned).await });
                     pending.push((image, task));
                 }
             }
@@ -362,7 +360,7 @@ impl Admitter {
             // The first failing image in name order decides, as before.
             outcomes.sort_by(|a, b| a.0.cmp(b.0));
         }
-        let mut resolved: HashMap<String, Arc<Resolution>> = HashMap::new();
+        let mut resolved: HashMap<String, Cached> = HashMap::new();
         let mut warnings = Vec::new();
         for (image, outcome) in outcomes {
             match outcome {
@@ -383,7 +381,7 @@ impl Admitter {
         // Seed: "pod creation fails if secret required but unavailable".
         if let Some(mirror) = &self.mirror
             && !mirror.is_synced()
-            && resolved.values().any(|r| r.pull_secret.is_some())
+            && resolved.values().any(Cached::needs_pull_secret)
         {
             return ReviewResponse::deny(
                 uid,
@@ -398,7 +396,7 @@ impl Admitter {
                 ),
             );
         }
-        let lookup = |image: &str| resolved.get(image).map(|r| &**r);
+        let lookup = |image: &str| resolved.get(image).and_then(Cached::answer);
         let mutation = match mutate::plan(pod, &lookup, Some(&self.settings.pull_secret)) {
             Ok(m) => m,
             Err(e) => return ReviewResponse::deny(uid, 400, e.to_string()),

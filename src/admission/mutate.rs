@@ -9,7 +9,7 @@ use json_patch::{AddOperation, PatchOperation};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::registry::Resolution;
+use crate::registry::ImageAnswer;
 
 /// Annotation holding `{container name: original image}` for every container
 /// whose image was pinned.
@@ -102,11 +102,16 @@ fn add(tokens: &[&str], value: Value) -> PatchOperation {
     })
 }
 
+/// The strings of `args` (pod fields are `String`s, image fields boxed).
+fn strs<S: AsRef<str>>(args: &[S]) -> impl Iterator<Item = &str> {
+    args.iter().map(AsRef::as_ref)
+}
+
 /// Plans the patch for `pod`. `resolved` maps each image string found in the
 /// pod to its resolution; images missing from it are left alone.
 pub fn plan<'r>(
     pod: &Pod,
-    resolved: &dyn Fn(&str) -> Option<&'r Resolution>,
+    resolved: &dyn Fn(&str) -> Option<ImageAnswer<'r>>,
     pull_secret: Option<&str>,
 ) -> Result<Mutation, MutationError> {
     let mut mutation = Mutation::default();
@@ -131,13 +136,14 @@ pub fn plan<'r>(
             };
             let index = i.to_string();
             let at = |leaf: &'static str| ["spec", field, index.as_str(), leaf];
-            needs_secret |= resolution.pull_secret.is_some();
+            needs_secret |= resolution.needs_pull_secret;
 
             // Pin: a reference that already names a digest keeps it, as written.
-            if !image.contains('@') && image != resolution.pinned {
-                mutation
-                    .operations
-                    .push(add(&at("image"), json!(resolution.pinned)));
+            let pinned = (!image.contains('@'))
+                .then(|| resolution.pinned())
+                .filter(|pinned| image != pinned);
+            if let Some(pinned) = pinned {
+                mutation.operations.push(add(&at("image"), json!(pinned)));
                 mutation
                     .pinned
                     .insert(container.name.clone(), image.to_string());
@@ -145,25 +151,26 @@ pub fn plan<'r>(
 
             let args = container.args.as_deref().unwrap_or_default();
             let command = container.command.as_deref().unwrap_or_default();
-            let entrypoint = &resolution.entrypoint;
+            let info = resolution.info;
+            let entrypoint = info.entrypoint();
             let no_entrypoint = || MutationError::NoEntrypointAfterMarker {
                 container: container.name.clone(),
-                image: resolution.reference.clone(),
+                image: resolution.reference.to_string(),
             };
             if args.last().map(String::as_str) == Some(ENTRYPOINT_MARKER) {
                 if entrypoint.is_empty() {
                     return Err(no_entrypoint());
                 }
-                let filled: Vec<&String> = args.iter().chain(entrypoint).collect();
+                let filled: Vec<&str> = strs(args).chain(strs(entrypoint)).collect();
                 mutation.operations.push(add(&at("args"), json!(filled)));
                 // Without a command the kubelet runs the image's Entrypoint
                 // anyway; saying so keeps a second pass (reinvocation) from
                 // reading the filled args as a container to make explicit.
                 // Found by fuzzing the plan's idempotence.
-                if command.is_empty() && !resolution.config_entrypoint.is_empty() {
+                if command.is_empty() && !info.config_entrypoint.is_empty() {
                     mutation
                         .operations
-                        .push(add(&at("command"), json!(resolution.config_entrypoint)));
+                        .push(add(&at("command"), json!(info.config_entrypoint)));
                 }
             } else if args.is_empty()
                 && command.last().map(String::as_str) == Some(ENTRYPOINT_MARKER)
@@ -171,27 +178,22 @@ pub fn plan<'r>(
                 if entrypoint.is_empty() {
                     return Err(no_entrypoint());
                 }
-                let filled: Vec<&String> = command.iter().chain(entrypoint).collect();
+                let filled: Vec<&str> = strs(command).chain(strs(entrypoint)).collect();
                 mutation.operations.push(add(&at("command"), json!(filled)));
             } else if command.is_empty() {
                 // Make the image's own start explicit, as the kubelet would run it.
-                if resolution.config_entrypoint.is_empty()
-                    && resolution.cmd.is_empty()
-                    && args.is_empty()
-                {
+                if info.config_entrypoint.is_empty() && info.cmd.is_empty() && args.is_empty() {
                     return Err(MutationError::NothingToRun {
                         container: container.name.clone(),
-                        image: resolution.reference.clone(),
+                        image: resolution.reference.to_string(),
                     });
                 }
-                if !resolution.config_entrypoint.is_empty() {
+                if !info.config_entrypoint.is_empty() {
                     mutation
                         .operations
-                        .push(add(&at("command"), json!(resolution.config_entrypoint)));
-                    if args.is_empty() && !resolution.cmd.is_empty() {
-                        mutation
-                            .operations
-                            .push(add(&at("args"), json!(resolution.cmd)));
+                        .push(add(&at("command"), json!(info.config_entrypoint)));
+                    if args.is_empty() && !info.cmd.is_empty() {
+                        mutation.operations.push(add(&at("args"), json!(info.cmd)));
                     }
                 }
             }
@@ -251,28 +253,37 @@ pub fn plan<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::{Digest, ImageInfo, ImageRef};
 
     const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
-    fn resolution(reference: &str, entrypoint: &[&str], cmd: &[&str], secret: bool) -> Resolution {
-        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let config_entrypoint = owned(entrypoint);
-        let effective = if entrypoint.is_empty() {
-            owned(cmd)
-        } else {
-            owned(entrypoint)
-        };
-        Resolution {
+    /// What the cache would hold for one image.
+    #[derive(Clone)]
+    struct Row {
+        image: String,
+        reference: ImageRef,
+        info: ImageInfo,
+        secret: bool,
+    }
+
+    impl Row {
+        fn pinned(&self) -> String {
+            self.reference.pinned(&self.info.digest)
+        }
+    }
+
+    fn resolution(reference: &str, entrypoint: &[&str], cmd: &[&str], secret: bool) -> Row {
+        let boxed = |v: &[&str]| v.iter().map(|s| Box::from(*s)).collect();
+        Row {
             image: reference.into(),
-            reference: reference.into(),
-            digest: DIGEST.into(),
-            pinned: format!("{reference}@{DIGEST}"),
-            entrypoint: effective,
-            cmd: owned(cmd),
-            config_entrypoint,
-            platform: "linux/amd64".into(),
-            registry: "r.example.com".into(),
-            pull_secret: secret.then(|| "auth-secret".into()),
+            reference: ImageRef::parse(reference, "").expect("valid reference"),
+            info: ImageInfo {
+                digest: Digest::new(DIGEST),
+                config_entrypoint: boxed(entrypoint),
+                cmd: boxed(cmd),
+                platform: None,
+            },
+            secret,
         }
     }
 
@@ -297,8 +308,17 @@ mod tests {
         })
     }
 
-    fn lookup<'t>(table: &'t [Resolution]) -> impl Fn(&str) -> Option<&'t Resolution> + 't {
-        move |image: &str| table.iter().find(|r| r.image == image)
+    fn lookup<'t>(table: &'t [Row]) -> impl Fn(&str) -> Option<ImageAnswer<'t>> + 't {
+        move |image: &str| {
+            table
+                .iter()
+                .find(|r| r.image == image)
+                .map(|r| ImageAnswer {
+                    reference: &r.reference,
+                    info: &r.info,
+                    needs_pull_secret: r.secret,
+                })
+        }
     }
 
     fn apply(pod: &Value, m: &Mutation) -> Value {
@@ -380,10 +400,10 @@ mod tests {
         ];
         let again: Pod = serde_json::from_value(out.clone()).expect("pod");
         // The second pass sees the pinned images.
-        let pinned_rows: Vec<Resolution> = rows
+        let pinned_rows: Vec<Row> = rows
             .iter()
-            .map(|r| Resolution {
-                image: r.pinned.clone(),
+            .map(|r| Row {
+                image: r.pinned(),
                 ..r.clone()
             })
             .collect();
@@ -406,10 +426,10 @@ mod tests {
             out["spec"]["containers"][0]["args"],
             json!(["--port", "9446", "--", "/x"])
         );
-        let pinned_rows: Vec<Resolution> = rows
+        let pinned_rows: Vec<Row> = rows
             .iter()
-            .map(|r| Resolution {
-                image: r.pinned.clone(),
+            .map(|r| Row {
+                image: r.pinned(),
                 ..r.clone()
             })
             .collect();

@@ -262,6 +262,63 @@ pub fn parse_config(body: &[u8]) -> Result<ImageConfig, ManifestError> {
     })
 }
 
+/// A content digest as a cache entry keeps it: sha256, nearly every digest
+/// there is, as its 32 bytes (40 bytes in all, against 104 for the text in a
+/// `String`); any other algorithm, or upper-case hex, as written.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Digest {
+    Sha256([u8; 32]),
+    Other(Box<str>),
+}
+
+impl Digest {
+    pub fn new(text: &str) -> Self {
+        let mut bytes = [0u8; 32];
+        match text.strip_prefix("sha256:") {
+            // Lower case only, so that the text comes back exactly as given.
+            Some(hex)
+                if !hex.bytes().any(|b| b.is_ascii_uppercase())
+                    && hex::decode_to_slice(hex, &mut bytes).is_ok() =>
+            {
+                Self::Sha256(bytes)
+            }
+            _ => Self::Other(text.into()),
+        }
+    }
+
+    /// Is this the digest `text` names? (Hex is case-insensitive.)
+    pub fn is(&self, text: &str) -> bool {
+        match self {
+            Self::Sha256(bytes) => text.strip_prefix("sha256:").is_some_and(|hex| {
+                let mut other = [0u8; 32];
+                hex::decode_to_slice(hex, &mut other).is_ok() && &other == bytes
+            }),
+            Self::Other(own) => own.eq_ignore_ascii_case(text),
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sha256(bytes) => {
+                let mut hex = [0u8; 64];
+                // 32 bytes always fit 64 hex digits.
+                hex::encode_to_slice(bytes, &mut hex).map_err(|_| fmt::Error)?;
+                f.write_str("sha256:")?;
+                f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
+            }
+            Self::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// `algorithm:hex` of `bytes`, for the algorithms references may name.
 pub fn digest_of(algorithm: &str, bytes: &[u8]) -> Option<String> {
     let hex = match algorithm {
@@ -290,6 +347,26 @@ pub fn verify_digest(expected: &str, bytes: &[u8]) -> Result<(), ManifestError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_keep_their_text() {
+        let lower = format!("sha256:{}", "0a".repeat(32));
+        let d = Digest::new(&lower);
+        assert!(matches!(d, Digest::Sha256(_)));
+        assert_eq!(d.to_string(), lower);
+        assert!(d.is(&lower) && d.is(&lower.to_uppercase().replace("SHA256", "sha256")));
+        assert!(!d.is(&format!("sha256:{}", "0b".repeat(32))) && !d.is("sha256:0a"));
+        for other in [
+            format!("sha256:{}", "0A".repeat(32)),
+            format!("sha512:{}", "1".repeat(128)),
+            "sha256:short".to_string(),
+        ] {
+            let d = Digest::new(&other);
+            assert!(matches!(d, Digest::Other(_)), "{other}");
+            assert_eq!(d.to_string(), other);
+            assert!(d.is(&other));
+        }
+    }
 
     #[test]
     fn platforms_parse_and_match() {
