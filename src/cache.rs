@@ -142,7 +142,7 @@ impl Entry {
 }
 
 /// A resolved image for the webhook: the cache entry itself, so a hit
-/// copies nothing and the entry keeps nothing more than its answer.
+/// copies nothing and no entry has to keep a built answer.
 #[derive(Debug, Clone)]
 pub struct Cached {
     /// Its outcome is an answer: only those are handed out.

@@ -13,8 +13,7 @@ use serde_json::value::RawValue;
 use tracing::{debug, info, warn};
 
 use self::mutate::Pod;
-use crate::cache::Cached;
-use crate::cache::{CacheStatus, CachedResolver};
+use crate::cache::{CacheStatus, Cached, CachedResolver};
 use crate::registry::ResolveError;
 use crate::secrets::MirrorStatus;
 
