@@ -265,6 +265,7 @@ impl Resolver {
         if !default_prefix.is_empty() {
             default_prefix.push('/');
         }
+        let max_fetches = settings.max_concurrent_fetches.max(1);
         Ok(Self {
             client,
             credentials: Arc::new(credentials),
@@ -273,8 +274,8 @@ impl Resolver {
             private_registries: settings.private_registries,
             pull_secret_name: settings.pull_secret_name.clone(),
             resolve_timeout: settings.resolve_timeout,
-            fetches: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
-            max_fetches: settings.max_concurrent_fetches.max(1),
+            fetches: tokio::sync::Semaphore::new(max_fetches),
+            max_fetches,
         })
     }
 
