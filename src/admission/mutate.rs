@@ -272,7 +272,7 @@ mod tests {
         }
     }
 
-    fn resolution(reference: &str, entrypoint: &[&str], cmd: &[&str], secret: bool) -> Row {
+    fn row(reference: &str, entrypoint: &[&str], cmd: &[&str], secret: bool) -> Row {
         let boxed = |v: &[&str]| v.iter().map(|s| Box::from(*s)).collect();
         Row {
             image: reference.into(),
@@ -331,13 +331,13 @@ mod tests {
     fn function_pod_is_pinned_filled_and_given_the_secret_and_a_second_pass_changes_nothing() {
         let pod_json = function_pod();
         let rows = [
-            resolution(
+            row(
                 "r.example.com/porch/wrapper-server:v4",
                 &["/bin/sh"],
                 &[],
                 true,
             ),
-            resolution(
+            row(
                 "r.example.com/fns/set-namespace:v0.4",
                 &["/usr/local/bin/function"],
                 &[],
@@ -385,13 +385,13 @@ mod tests {
 
         // Idempotent: the patched pod (whose images are now pinned) needs nothing.
         let rows = [
-            resolution(
+            row(
                 "r.example.com/porch/wrapper-server:v4",
                 &["/bin/sh"],
                 &[],
                 true,
             ),
-            resolution(
+            row(
                 "r.example.com/fns/set-namespace:v0.4",
                 &["/usr/local/bin/function"],
                 &[],
@@ -417,7 +417,7 @@ mod tests {
         let pod_json = json!({"metadata": {}, "spec": {"containers": [
             {"name": "f", "image": "r.example.com/x:1", "args": ["--port", "9446", "--"]}
         ]}});
-        let rows = [resolution("r.example.com/x:1", &["/x"], &[], false)];
+        let rows = [row("r.example.com/x:1", &["/x"], &[], false)];
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
         let m = plan(&pod, &lookup(&rows), None).expect("admitted");
         let out = apply(&pod_json, &m);
@@ -444,7 +444,7 @@ mod tests {
             json!({"spec": {"containers": [{"name": "f", "image": "r.example.com/x:1"}]}}),
             json!({"metadata": null, "spec": {"containers": [{"name": "f", "image": "r.example.com/x:1"}]}}),
         ] {
-            let rows = [resolution("r.example.com/x:1", &["/x"], &[], false)];
+            let rows = [row("r.example.com/x:1", &["/x"], &[], false)];
             let table = lookup(&rows);
             let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
             let m = plan(&pod, &table, None).expect("admitted");
@@ -461,9 +461,9 @@ mod tests {
             {"name": "c", "image": "r.example.com/z:1"}
         ], "imagePullSecrets": [{"name": "other"}]}});
         let rows = [
-            resolution("r.example.com/x:1", &["/x"], &["--default"], false),
-            resolution("r.example.com/y:1", &["/y"], &["--default"], true),
-            resolution("r.example.com/z:1", &[], &["/z", "run"], false),
+            row("r.example.com/x:1", &["/x"], &["--default"], false),
+            row("r.example.com/y:1", &["/y"], &["--default"], true),
+            row("r.example.com/z:1", &[], &["/z", "run"], false),
         ];
         let table = lookup(&rows);
         let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
@@ -494,7 +494,7 @@ mod tests {
         let pod_json = json!({"metadata": {"name": "p"}, "spec": {"containers": [
             {"name": "f", "image": "r.example.com/fns/cmd-only:v1", "command": ["/w", "--"]}
         ], "imagePullSecrets": [{"name": "auth-secret"}]}});
-        let rows = [resolution(
+        let rows = [row(
             "r.example.com/fns/cmd-only:v1",
             &[],
             &["/bin/fn", "--serve"],
@@ -519,7 +519,7 @@ mod tests {
     fn images_pinned_by_digest_keep_their_reference() {
         let image = format!("r.example.com/fns/x@{DIGEST}");
         let pod_json = json!({"metadata": {}, "spec": {"containers": [{"name": "f", "image": image, "args": ["--"]}]}});
-        let mut r = resolution("r.example.com/fns/x", &["/fn"], &[], false);
+        let mut r = row("r.example.com/fns/x", &["/fn"], &[], false);
         r.image = image.clone();
         let rows = [r];
         let table = lookup(&rows);
@@ -533,7 +533,7 @@ mod tests {
 
     #[test]
     fn nothing_to_run_is_an_error_naming_container_and_image() {
-        let rows = [resolution("r.example.com/fns/empty:v1", &[], &[], false)];
+        let rows = [row("r.example.com/fns/empty:v1", &[], &[], false)];
         let table = lookup(&rows);
         for pod_json in [
             json!({"spec": {"containers": [{"name": "f", "image": "r.example.com/fns/empty:v1", "args": ["--"]}]}}),
