@@ -3,6 +3,8 @@
 # images (release build, loopback only, bounded by N).
 #
 #   scripts/bench-memory.sh            # N="10000 100000"
+#   FNIR_BENCH_STORAGE=/var/tmp/fnir-tags N=100000 scripts/bench-memory.sh
+#                                      # keep the pushed tags for the next run
 #
 # Needs docker-registry (scripts/install-test-deps.sh).
 set -euo pipefail
