@@ -90,7 +90,10 @@ impl CacheStatus {
 /// one image are two entries, each fetched once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    image: Box<str>,
+    /// The entry's parsed reference holds this same string when the image
+    /// was written in its normalized form (the usual case for function
+    /// images): one allocation for both.
+    image: Arc<str>,
     /// Shared: nearly every key holds the default platform.
     platform: Arc<Platform>,
 }
@@ -412,7 +415,7 @@ impl CachedResolver {
         // An invalid image is not remembered: it must not take the room of
         // valid ones, and its error is cheap to find again. Dropping the
         // guard hands the placeholder to the next waiter.
-        let reference = self.resolver.parse(image)?;
+        let reference = self.resolver.parse(image)?.sharing(&owned.image);
         let credential = self.resolver.credential_for(&reference);
         let outcome = self
             .resolver
@@ -453,7 +456,11 @@ impl CachedResolver {
         }
         let this = self.clone();
         let key = Key {
-            image: key.image.into(),
+            image: if key.image == &**entry.reference.text() {
+                entry.reference.text().clone()
+            } else {
+                key.image.into()
+            },
             platform: self.shared_platform(key.platform),
         };
         let credential = credential.cloned();

@@ -6,6 +6,7 @@
 //! case-insensitively, and a tag is kept next to a digest for readability.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::grammar;
 
@@ -23,10 +24,11 @@ const MAX_HOST_LEN: usize = 253;
 
 /// A parsed, normalized image reference, `registry/repository[:tag][@digest]`,
 /// in one string with the ends of its parts: one lives in every cache entry,
-/// and one allocation is a third of four.
+/// and one allocation is a third of four. Shared (`Arc`) so that the cache
+/// key of an image written in its normalized form is the same string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
-    text: Box<str>,
+    text: Arc<str>,
     /// Where the registry, the repository and the tag end in `text` (the
     /// tag's end is the repository's when there is no tag).
     registry_end: u16,
@@ -160,6 +162,20 @@ impl ImageRef {
         })
     }
 
+    /// This reference, holding `text` instead of its own copy when `text`
+    /// is its normalized form.
+    pub fn sharing(mut self, text: &Arc<str>) -> Self {
+        if *self.text == **text {
+            self.text = Arc::clone(text);
+        }
+        self
+    }
+
+    /// The whole reference, shared.
+    pub fn text(&self) -> &Arc<str> {
+        &self.text
+    }
+
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
     pub fn registry(&self) -> &str {
         &self.text[..usize::from(self.registry_end)]
@@ -291,6 +307,22 @@ mod tests {
         assert_eq!(r.registry(), "localhost");
         let r = parse("MyRegistry.Example.com:8443/a/b:c");
         assert_eq!(r.registry(), "myregistry.example.com:8443");
+    }
+
+    #[test]
+    fn shares_the_text_only_when_it_is_the_normalized_form() {
+        let written: Arc<str> = "gcr.io/kpt-fn/set-labels:v0.2.0".into();
+        let r = parse(&written).sharing(&written);
+        assert!(Arc::ptr_eq(r.text(), &written));
+        assert_eq!(r.repository(), "kpt-fn/set-labels");
+        assert_eq!(r.tag(), Some("v0.2.0"));
+        let short: Arc<str> = "busybox".into();
+        let r = parse(&short).sharing(&short);
+        assert!(!Arc::ptr_eq(r.text(), &short));
+        assert_eq!(
+            &**r.text(),
+            "ghcr.io/kptdev/krm-functions-catalog/busybox:latest"
+        );
     }
 
     #[test]
