@@ -29,7 +29,8 @@ cat "$root/scripts/alloc-accounting/counting.rs" >> src/main.rs
 sed -i 's/^unsafe_code = "forbid"/unsafe_code = "allow"/' Cargo.toml
 sed -i 's/^\(mimalloc = .*\)features = \["v2"\]/\1features = ["v2", "extended"]/' Cargo.toml
 export CARGO_TARGET_DIR=$work/target CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
-cargo build --quiet --release --locked --bin fn-image-resolver --example cache_memory
+# Not --locked: mimalloc's "extended" feature adds to the scratch lock file.
+cargo build --quiet --release --bin fn-image-resolver --example cache_memory
 bin=$CARGO_TARGET_DIR/release/fn-image-resolver
 report=$work/report.txt
 rm -f "$report"
