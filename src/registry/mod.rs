@@ -471,7 +471,14 @@ impl Resolver {
         let blob = self.client.get_config_blob(target, &config.digest).await?;
         verify_digest(&config.digest, &blob).map_err(|e| invalid(format!("config blob {e}")))?;
         let parsed = parse_config(&blob).map_err(|e| invalid(e.0))?;
-        let boxed = |args: Vec<String>| args.into_iter().map(String::into_boxed_str).collect();
+        // A new exact allocation: `collect` would reuse the `Vec<String>`'s
+        // buffer and shrink it in place, and the allocator keeps the whole
+        // block (32 bytes instead of 16 for one argument, in every entry).
+        let boxed = |args: Vec<String>| {
+            let mut out = Vec::with_capacity(args.len());
+            out.extend(args.into_iter().map(String::into_boxed_str));
+            out.into_boxed_slice()
+        };
         Ok(ImageInfo {
             digest: Digest::new(&digest),
             config_entrypoint: boxed(parsed.entrypoint),
