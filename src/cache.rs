@@ -456,11 +456,7 @@ impl CachedResolver {
         }
         let this = self.clone();
         let key = Key {
-            image: if key.image == &**entry.reference.text() {
-                entry.reference.text().clone()
-            } else {
-                key.image.into()
-            },
+            image: key.image.into(),
             platform: self.shared_platform(key.platform),
         };
         let credential = credential.cloned();
@@ -477,20 +473,20 @@ impl CachedResolver {
                 Err(e) => Err(e),
             };
             let id = credential.as_ref().map(|c| c.id);
+            // The new entry shares the new key's string, as on a miss.
+            let renewed = reference.clone().sharing(&key.image);
             match outcome {
                 Ok(info) => {
                     if info.digest != old.digest {
                         info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
                     }
                     this.metrics.cache_revalidation("refreshed");
-                    this.answers
-                        .insert(key, Entry::new(reference.clone(), id, Ok(info)));
+                    this.answers.insert(key, Entry::new(renewed, id, Ok(info)));
                 }
                 Err(e) if e.kind().is_definitive() => {
                     warn!(image = %reference, error = %e, "cached tag is no longer resolvable");
                     this.metrics.cache_revalidation("gone");
-                    this.answers
-                        .insert(key, Entry::new(reference.clone(), id, Err(e)));
+                    this.answers.insert(key, Entry::new(renewed, id, Err(e)));
                 }
                 Err(e) => {
                     warn!(image = %reference, error = %e, age_secs = entry.fetched_at.elapsed().as_secs(), "registry failing; serving the cached answer");

@@ -171,11 +171,6 @@ impl ImageRef {
         self
     }
 
-    /// The whole reference, shared.
-    pub fn text(&self) -> &Arc<str> {
-        &self.text
-    }
-
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
     pub fn registry(&self) -> &str {
         &self.text[..usize::from(self.registry_end)]
@@ -313,14 +308,14 @@ mod tests {
     fn shares_the_text_only_when_it_is_the_normalized_form() {
         let written: Arc<str> = "gcr.io/kpt-fn/set-labels:v0.2.0".into();
         let r = parse(&written).sharing(&written);
-        assert!(Arc::ptr_eq(r.text(), &written));
+        assert!(Arc::ptr_eq(&r.text, &written));
         assert_eq!(r.repository(), "kpt-fn/set-labels");
         assert_eq!(r.tag(), Some("v0.2.0"));
         let short: Arc<str> = "busybox".into();
         let r = parse(&short).sharing(&short);
-        assert!(!Arc::ptr_eq(r.text(), &short));
+        assert!(!Arc::ptr_eq(&r.text, &short));
         assert_eq!(
-            &**r.text(),
+            &*r.text,
             "ghcr.io/kptdev/krm-functions-catalog/busybox:latest"
         );
     }
