@@ -34,8 +34,8 @@ fn table(images: &[String]) -> HashMap<String, (ImageRef, ImageInfo)> {
                 .expect("a valid fallback");
             let info = ImageInfo {
                 digest: Digest::new(DIGEST),
-                config_entrypoint: Box::new(["/fn".into()]),
-                cmd: Box::new(["--serve".into()]),
+                config_entrypoint: vec!["/fn".into()],
+                cmd: vec!["--serve".into()],
                 platform: None,
             };
             (image.clone(), (reference, info))
@@ -44,11 +44,7 @@ fn table(images: &[String]) -> HashMap<String, (ImageRef, ImageInfo)> {
 }
 
 fn answer((reference, info): &(ImageRef, ImageInfo)) -> ImageAnswer<'_> {
-    ImageAnswer {
-        reference,
-        info,
-        needs_pull_secret: true,
-    }
+    info.answer(reference.borrowed(), true)
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -102,9 +102,9 @@ fn add(tokens: &[&str], value: Value) -> PatchOperation {
     })
 }
 
-/// The strings of `args` (pod fields are `String`s, image fields boxed).
-fn strs<S: AsRef<str>>(args: &[S]) -> impl Iterator<Item = &str> {
-    args.iter().map(AsRef::as_ref)
+/// The strings of a pod's `args` or `command`.
+fn strs(args: &[String]) -> impl Iterator<Item = &str> {
+    args.iter().map(String::as_str)
 }
 
 /// Plans the patch for `pod`. `resolved` maps each image string found in the
@@ -151,7 +151,7 @@ pub fn plan<'r>(
 
             let args = container.args.as_deref().unwrap_or_default();
             let command = container.command.as_deref().unwrap_or_default();
-            let info = resolution.info;
+            let info = resolution;
             let entrypoint = info.entrypoint();
             let no_entrypoint = || MutationError::NoEntrypointAfterMarker {
                 container: container.name.clone(),
@@ -161,7 +161,7 @@ pub fn plan<'r>(
                 if entrypoint.is_empty() {
                     return Err(no_entrypoint());
                 }
-                let filled: Vec<&str> = strs(args).chain(strs(entrypoint)).collect();
+                let filled: Vec<&str> = strs(args).chain(entrypoint.iter()).collect();
                 mutation.operations.push(add(&at("args"), json!(filled)));
                 // Without a command the kubelet runs the image's Entrypoint
                 // anyway; saying so keeps a second pass (reinvocation) from
@@ -178,7 +178,7 @@ pub fn plan<'r>(
                 if entrypoint.is_empty() {
                     return Err(no_entrypoint());
                 }
-                let filled: Vec<&str> = strs(command).chain(strs(entrypoint)).collect();
+                let filled: Vec<&str> = strs(command).chain(entrypoint.iter()).collect();
                 mutation.operations.push(add(&at("command"), json!(filled)));
             } else if command.is_empty() {
                 // Make the image's own start explicit, as the kubelet would run it.
@@ -273,7 +273,7 @@ mod tests {
     }
 
     fn row(reference: &str, entrypoint: &[&str], cmd: &[&str], secret: bool) -> Row {
-        let boxed = |v: &[&str]| v.iter().map(|s| Box::from(*s)).collect();
+        let boxed = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         Row {
             image: reference.into(),
             reference: ImageRef::parse(reference, "").expect("valid reference"),
@@ -313,11 +313,7 @@ mod tests {
             table
                 .iter()
                 .find(|r| r.image == image)
-                .map(|r| ImageAnswer {
-                    reference: &r.reference,
-                    info: &r.info,
-                    needs_pull_secret: r.secret,
-                })
+                .map(|r| r.info.answer(r.reference.borrowed(), r.secret))
         }
     }
 

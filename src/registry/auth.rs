@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,9 +84,12 @@ impl Credential {
             }
         }
         let digest = h.finalize();
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&digest[..16]);
-        CredentialId(id)
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        // 64 bits: two credentials for one registry agree on them with a
+        // chance of 2^-64; zero (as likely) is moved so that `None` costs no
+        // byte in a cache entry.
+        CredentialId(NonZeroU64::new(u64::from_be_bytes(id)).unwrap_or(NonZeroU64::MAX))
     }
 
     /// `Authorization` value for HTTP Basic, when this credential can do Basic.
@@ -117,11 +121,12 @@ impl KeyedCredential {
 
 /// Hash of a credential (see [`Credential::identity`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CredentialId([u8; 16]);
+pub struct CredentialId(NonZeroU64);
 
 impl fmt::Debug for CredentialId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CredentialId({})", hex::encode(&self.0[..4]))
+        // The first 32 bits are enough to tell credentials apart in a log.
+        write!(f, "CredentialId({:08x})", self.0.get() >> 32)
     }
 }
 

@@ -288,17 +288,57 @@ impl Digest {
 
     /// Is this the digest `text` names? (Hex is case-insensitive.)
     pub fn is(&self, text: &str) -> bool {
+        self.borrowed().is(text)
+    }
+
+    pub fn borrowed(&self) -> DigestRef<'_> {
         match self {
-            Self::Sha256(bytes) => text.strip_prefix("sha256:").is_some_and(|hex| {
-                let mut other = [0u8; 32];
-                hex::decode_to_slice(hex, &mut other).is_ok() && &other == bytes
-            }),
-            Self::Other(own) => own.eq_ignore_ascii_case(text),
+            Self::Sha256(bytes) => DigestRef::Sha256(bytes),
+            Self::Other(text) => DigestRef::Other(text),
         }
     }
 }
 
 impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.borrowed(), f)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A borrowed [`Digest`], as a cache entry hands it out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum DigestRef<'a> {
+    Sha256(&'a [u8; 32]),
+    Other(&'a str),
+}
+
+impl DigestRef<'_> {
+    /// Is this the digest `text` names? (Hex is case-insensitive.)
+    pub fn is(&self, text: &str) -> bool {
+        match self {
+            Self::Sha256(bytes) => text.strip_prefix("sha256:").is_some_and(|hex| {
+                let mut other = [0u8; 32];
+                hex::decode_to_slice(hex, &mut other).is_ok() && &other == *bytes
+            }),
+            Self::Other(own) => own.eq_ignore_ascii_case(text),
+        }
+    }
+
+    pub fn to_owned(&self) -> Digest {
+        match self {
+            Self::Sha256(bytes) => Digest::Sha256(**bytes),
+            Self::Other(text) => Digest::Other((*text).into()),
+        }
+    }
+}
+
+impl fmt::Display for DigestRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sha256(bytes) => {
@@ -313,7 +353,7 @@ impl fmt::Display for Digest {
     }
 }
 
-impl fmt::Debug for Digest {
+impl fmt::Debug for DigestRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }

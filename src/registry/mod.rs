@@ -21,7 +21,7 @@ use tracing::{info, warn};
 pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential};
 use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
 pub use self::error::{ErrorKind, RegistryError, ResolveError};
-pub use self::manifest::{Digest, Platform, PlatformError};
+pub use self::manifest::{Digest, DigestRef, Platform, PlatformError};
 use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};
 pub use self::reference::ImageRef;
 use self::tls::TlsError;
@@ -58,47 +58,108 @@ pub enum SetupError {
     Http(#[from] reqwest::Error),
 }
 
-/// What the registry said about one image (cacheable, credential-free).
+/// What the registry said about one image (credential-free). The cache
+/// packs it into its entry; this is the form a fetch returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     /// Digest to pin: the index digest for multi-platform images.
     pub digest: Digest,
-    /// `Config.Entrypoint` as in the image (boxed slices: never grown, and
-    /// 8 bytes less each than a `Vec` in every cache entry).
-    pub config_entrypoint: Box<[Box<str>]>,
+    /// `Config.Entrypoint` as in the image.
+    pub config_entrypoint: Vec<String>,
     /// `Config.Cmd` as in the image.
-    pub cmd: Box<[Box<str>]>,
-    /// Platform of the config that was read, when it is not the one asked
-    /// for (boxed and usually absent: an `ImageInfo` is in every cache entry).
-    pub platform: Option<Box<Platform>>,
+    pub cmd: Vec<String>,
+    /// Platform of the config that was read, when it is not the one asked for.
+    pub platform: Option<Platform>,
 }
 
 impl ImageInfo {
-    /// The seed's entrypoint: `Config.Entrypoint`, else `Config.Cmd`.
-    pub fn entrypoint(&self) -> &[Box<str>] {
-        if self.config_entrypoint.is_empty() {
-            &self.cmd
-        } else {
-            &self.config_entrypoint
+    /// This answer for `reference`, borrowed.
+    pub fn answer<'a>(
+        &'a self,
+        reference: ImageRef<&'a str>,
+        needs_pull_secret: bool,
+    ) -> ImageAnswer<'a> {
+        ImageAnswer {
+            reference,
+            digest: self.digest.borrowed(),
+            config_entrypoint: Args::List(&self.config_entrypoint),
+            cmd: Args::List(&self.cmd),
+            platform: self.platform.as_ref(),
+            needs_pull_secret,
         }
     }
 }
 
-/// One resolved image as the webhook's patch needs it, borrowed from the
-/// cache entry: a cache hit copies nothing (a [`Resolution`] copies every
-/// string, and keeping one per entry cost about 500 bytes).
+/// Program arguments (an entrypoint or a cmd), borrowed from an
+/// [`ImageInfo`] or from the string a cache entry packs them in.
+#[derive(Debug, Clone, Copy)]
+pub enum Args<'a> {
+    List(&'a [String]),
+    /// Every argument followed by a NUL, which no argument can hold: exec
+    /// takes C strings, and the resolver refuses a config with one.
+    Packed(&'a str),
+}
+
+impl<'a> Args<'a> {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Self::List(list) => list.is_empty(),
+            Self::Packed(packed) => packed.is_empty(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        let (list, packed) = match *self {
+            Self::List(list) => (list, ""),
+            Self::Packed(packed) => (&[][..], packed),
+        };
+        list.iter()
+            .map(String::as_str)
+            .chain(packed.split_terminator('\0'))
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_string).collect()
+    }
+}
+
+impl Serialize for Args<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+/// One resolved image as a pod's patch or an endpoint answer needs it,
+/// borrowed: from a fetch's [`ImageInfo`], or from a cache entry, so that a
+/// cache hit copies nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageAnswer<'a> {
-    pub reference: &'a ImageRef,
-    pub info: &'a ImageInfo,
+    pub reference: ImageRef<&'a str>,
+    /// Digest to pin: the index digest for multi-platform images.
+    pub digest: DigestRef<'a>,
+    /// `Config.Entrypoint` as in the image.
+    pub config_entrypoint: Args<'a>,
+    /// `Config.Cmd` as in the image.
+    pub cmd: Args<'a>,
+    /// Platform of the config that was read, when it is not the one asked for.
+    pub platform: Option<&'a Platform>,
     /// Pods need the mirrored pull secret for this image.
     pub needs_pull_secret: bool,
 }
 
-impl ImageAnswer<'_> {
+impl<'a> ImageAnswer<'a> {
     /// The reference pinned to the digest (tag kept).
     pub fn pinned(&self) -> String {
-        self.reference.pinned(&self.info.digest)
+        self.reference.pinned(self.digest)
+    }
+
+    /// The seed's entrypoint: `Config.Entrypoint`, else `Config.Cmd`.
+    pub fn entrypoint(&self) -> Args<'a> {
+        if self.config_entrypoint.is_empty() {
+            self.cmd
+        } else {
+            self.config_entrypoint
+        }
     }
 }
 
@@ -125,25 +186,24 @@ pub struct Resolution {
 }
 
 impl Resolution {
+    /// `answer` for `image` as asked for on `platform`.
     pub fn new(
         image: &str,
-        reference: &ImageRef,
-        info: &ImageInfo,
+        answer: &ImageAnswer<'_>,
         platform: &Platform,
         pull_secret: Option<&str>,
     ) -> Self {
-        let strings = |args: &[Box<str>]| args.iter().map(|a| a.to_string()).collect();
-        let digest = info.digest.to_string();
+        let digest = answer.digest.to_string();
         Self {
             image: image.to_string(),
-            reference: reference.to_string(),
-            pinned: reference.pinned(&digest),
+            reference: answer.reference.to_string(),
+            pinned: answer.reference.pinned(&digest),
             digest,
-            entrypoint: strings(info.entrypoint()),
-            cmd: strings(&info.cmd),
-            config_entrypoint: strings(&info.config_entrypoint),
-            platform: info.platform.as_deref().unwrap_or(platform).to_string(),
-            registry: reference.registry().to_string(),
+            entrypoint: answer.entrypoint().to_vec(),
+            cmd: answer.cmd.to_vec(),
+            config_entrypoint: answer.config_entrypoint.to_vec(),
+            platform: answer.platform.unwrap_or(platform).to_string(),
+            registry: answer.reference.registry().to_string(),
             pull_secret: pull_secret.map(str::to_string),
         }
     }
@@ -301,7 +361,7 @@ impl Resolver {
 
     /// Is the image from the default function catalog? Seed: those always use
     /// default (anonymous) access and need no pull secret.
-    pub fn is_default_catalog(&self, reference: &ImageRef) -> bool {
+    pub fn is_default_catalog<S: AsRef<str>>(&self, reference: &ImageRef<S>) -> bool {
         // `default_prefix` ends in '/': the name is the prefix's repository
         // or below it. No allocation: this runs on every cache hit.
         let prefix = self.default_prefix.trim_end_matches('/');
@@ -312,7 +372,10 @@ impl Resolver {
     }
 
     /// The credential to use for `reference`, per the seed's decision tree.
-    pub fn credential_for(&self, reference: &ImageRef) -> Option<Arc<KeyedCredential>> {
+    pub fn credential_for<S: AsRef<str>>(
+        &self,
+        reference: &ImageRef<S>,
+    ) -> Option<Arc<KeyedCredential>> {
         if !self.private_registries || self.is_default_catalog(reference) {
             return None;
         }
@@ -347,13 +410,9 @@ impl Resolver {
                 image: image.to_string(),
                 source,
             })?;
-        Ok(Resolution::new(
-            image,
-            &reference,
-            &info,
-            platform,
-            self.pull_secret_for(credential.as_ref()),
-        ))
+        let pull_secret = self.pull_secret_for(credential.as_ref());
+        let answer = info.answer(reference.borrowed(), pull_secret.is_some());
+        Ok(Resolution::new(image, &answer, platform, pull_secret))
     }
 
     /// Reads digest, entrypoint and cmd from the registry, within the
@@ -471,19 +530,23 @@ impl Resolver {
         let blob = self.client.get_config_blob(target, &config.digest).await?;
         verify_digest(&config.digest, &blob).map_err(|e| invalid(format!("config blob {e}")))?;
         let parsed = parse_config(&blob).map_err(|e| invalid(e.0))?;
-        // A new exact allocation: `collect` would reuse the `Vec<String>`'s
-        // buffer and shrink it in place, and the allocator keeps the whole
-        // block (32 bytes instead of 16 for one argument, in every entry).
-        let boxed = |args: Vec<String>| {
-            let mut out = Vec::with_capacity(args.len());
-            out.extend(args.into_iter().map(String::into_boxed_str));
-            out.into_boxed_slice()
-        };
+        // The cache packs the arguments NUL-terminated; no program can be
+        // given a NUL anyway (exec takes C strings).
+        if parsed
+            .entrypoint
+            .iter()
+            .chain(&parsed.cmd)
+            .any(|a| a.contains('\0'))
+        {
+            return Err(invalid(
+                "the image config's Entrypoint or Cmd holds a NUL character, which no program argument can".into(),
+            ));
+        }
         Ok(ImageInfo {
             digest: Digest::new(&digest),
-            config_entrypoint: boxed(parsed.entrypoint),
-            cmd: boxed(parsed.cmd),
-            platform: parsed.platform.filter(|p| p != platform).map(Box::new),
+            config_entrypoint: parsed.entrypoint,
+            cmd: parsed.cmd,
+            platform: parsed.platform.filter(|p| p != platform),
         })
     }
 }

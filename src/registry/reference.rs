@@ -23,12 +23,13 @@ const MAX_REFERENCE_LEN: usize = 1024;
 const MAX_HOST_LEN: usize = 253;
 
 /// A parsed, normalized image reference, `registry/repository[:tag][@digest]`,
-/// in one string with the ends of its parts: one lives in every cache entry,
-/// and one allocation is a third of four. Shared (`Arc`) so that the cache
-/// key of an image written in its normalized form is the same string.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ImageRef {
-    text: Arc<str>,
+/// in one string with the ends of its parts. `S` holds the text: owned
+/// (`Arc<str>`, cheap to clone into a spawned fetch) or borrowed (`&str`,
+/// a view of the text packed into a cache entry, which keeps only the
+/// string and the three ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageRef<S = Arc<str>> {
+    text: S,
     /// Where the registry, the repository and the tag end in `text` (the
     /// tag's end is the repository's when there is no tag).
     registry_end: u16,
@@ -162,18 +163,58 @@ impl ImageRef {
         })
     }
 
-    /// This reference, holding `text` instead of its own copy when `text`
-    /// is its normalized form.
-    pub fn sharing(mut self, text: &Arc<str>) -> Self {
-        if *self.text == **text {
-            self.text = Arc::clone(text);
+    /// This reference borrowed, as a cache entry hands it out.
+    pub fn borrowed(&self) -> ImageRef<&str> {
+        ImageRef {
+            text: &self.text,
+            registry_end: self.registry_end,
+            repository_end: self.repository_end,
+            tag_end: self.tag_end,
         }
-        self
+    }
+
+    /// The text and the ends of its parts, for packing into a cache entry
+    /// ([`ImageRef::from_parts`] takes them back).
+    pub fn parts(&self) -> (&str, [u16; 3]) {
+        (
+            &self.text,
+            [self.registry_end, self.repository_end, self.tag_end],
+        )
+    }
+}
+
+impl<'a> ImageRef<&'a str> {
+    /// The view of a reference packed with [`ImageRef::parts`]: `text` and
+    /// `ends` must come from there (the cache keeps both as they were
+    /// given), else the accessors may panic on a slice out of bounds.
+    pub fn from_parts(text: &'a str, [registry_end, repository_end, tag_end]: [u16; 3]) -> Self {
+        Self {
+            text,
+            registry_end,
+            repository_end,
+            tag_end,
+        }
+    }
+
+    /// An owned copy (one allocation), for a background fetch.
+    pub fn to_owned(&self) -> ImageRef {
+        ImageRef {
+            text: self.text.into(),
+            registry_end: self.registry_end,
+            repository_end: self.repository_end,
+            tag_end: self.tag_end,
+        }
+    }
+}
+
+impl<S: AsRef<str>> ImageRef<S> {
+    fn text(&self) -> &str {
+        self.text.as_ref()
     }
 
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
     pub fn registry(&self) -> &str {
-        &self.text[..usize::from(self.registry_end)]
+        &self.text()[..usize::from(self.registry_end)]
     }
 
     /// The host the registry API is served from.
@@ -185,16 +226,16 @@ impl ImageRef {
     }
 
     pub fn repository(&self) -> &str {
-        &self.text[usize::from(self.registry_end) + 1..usize::from(self.repository_end)]
+        &self.text()[usize::from(self.registry_end) + 1..usize::from(self.repository_end)]
     }
 
     pub fn tag(&self) -> Option<&str> {
         (self.tag_end > self.repository_end)
-            .then(|| &self.text[usize::from(self.repository_end) + 1..usize::from(self.tag_end)])
+            .then(|| &self.text()[usize::from(self.repository_end) + 1..usize::from(self.tag_end)])
     }
 
     pub fn digest(&self) -> Option<&str> {
-        self.text.get(usize::from(self.tag_end) + 1..)
+        self.text().get(usize::from(self.tag_end) + 1..)
     }
 
     /// What to ask the registry for: the digest when pinned, else the tag.
@@ -204,19 +245,19 @@ impl ImageRef {
 
     /// `registry/repository`, without tag or digest.
     pub fn name(&self) -> &str {
-        &self.text[..usize::from(self.repository_end)]
+        &self.text()[..usize::from(self.repository_end)]
     }
 
     /// The reference pinned to `digest`, keeping the tag for readability:
     /// `registry/repo:tag@sha256:…` (or `registry/repo@sha256:…` without a tag).
     pub fn pinned(&self, digest: impl fmt::Display) -> String {
-        format!("{}@{digest}", &self.text[..usize::from(self.tag_end)])
+        format!("{}@{digest}", &self.text()[..usize::from(self.tag_end)])
     }
 }
 
-impl fmt::Display for ImageRef {
+impl<S: AsRef<str>> fmt::Display for ImageRef<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.text())
     }
 }
 
@@ -305,19 +346,25 @@ mod tests {
     }
 
     #[test]
-    fn shares_the_text_only_when_it_is_the_normalized_form() {
-        let written: Arc<str> = "gcr.io/kpt-fn/set-labels:v0.2.0".into();
-        let r = parse(&written).sharing(&written);
-        assert!(Arc::ptr_eq(&r.text, &written));
-        assert_eq!(r.repository(), "kpt-fn/set-labels");
-        assert_eq!(r.tag(), Some("v0.2.0"));
-        let short: Arc<str> = "busybox".into();
-        let r = parse(&short).sharing(&short);
-        assert!(!Arc::ptr_eq(&r.text, &short));
-        assert_eq!(
-            &*r.text,
-            "ghcr.io/kptdev/krm-functions-catalog/busybox:latest"
-        );
+    fn packs_into_parts_and_back() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        for image in [
+            "gcr.io/kpt-fn/set-labels:v0.2.0".to_string(),
+            "busybox".to_string(),
+            format!("ghcr.io/a/b@{d}"),
+            format!("127.0.0.1:5000/a/b:v1@{d}"),
+        ] {
+            let owned = parse(&image);
+            let (text, ends) = owned.parts();
+            let view = ImageRef::from_parts(text, ends);
+            assert_eq!(view, owned.borrowed());
+            assert_eq!(view.to_string(), owned.to_string());
+            assert_eq!(view.registry(), owned.registry());
+            assert_eq!(view.repository(), owned.repository());
+            assert_eq!(view.tag(), owned.tag());
+            assert_eq!(view.digest(), owned.digest());
+            assert_eq!(view.to_owned(), owned);
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The one resolver cache behind the webhook, the HTTP endpoint and the CLI.
 //!
-//! One quick_cache map: image as written + platform → what the registry
-//! said, with the parse of the image and the credential identity it was
-//! fetched with. quick_cache rather than moka because an entry costs about
-//! 60 bytes of bookkeeping there against about 300 in moka (measured, see
-//! BENCHMARKS.md), and a hit is one read-locked probe. What moka gave for
-//! free is done here, on read:
+//! One quick_cache map: a hash of the image as written and the platform →
+//! what the registry said, with the parse of the image and the credential
+//! identity it was fetched with, packed in one allocation ([`entry`]); the
+//! entry is checked against the image, so a collision of hashes costs a
+//! fetch, never a wrong answer. quick_cache rather than moka because an
+//! entry costs about 40 bytes of bookkeeping there against about 300 in moka
+//! (measured, see BENCHMARKS.md), and a hit is one read-locked probe. What
+//! moka gave for free is done here, on read:
 //! - lifetimes: each entry carries its fetch time; a hit checks it (pinned
 //!   answers never expire, tag answers are revalidated after the TTL and
 //!   served stale up to the max staleness, failures live briefly);
@@ -21,19 +23,23 @@
 //! whose credential identity differs from the current one is a miss, so two
 //! credentials never share an answer.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+mod entry;
+
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use quick_cache::sync::{EntryAction, EntryResult};
-use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, UnitWeighter};
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use self::entry::Entry;
 use crate::metrics::Metrics;
 use crate::registry::{
-    CredentialId, ImageAnswer, ImageInfo, ImageRef, KeyedCredential, Platform, RegistryError,
-    Resolution, ResolveError, Resolver,
+    CredentialId, ImageAnswer, KeyedCredential, Platform, RegistryError, Resolution, ResolveError,
+    Resolver,
 };
 
 /// Cache limits and lifetimes.
@@ -84,72 +90,24 @@ impl CacheStatus {
     }
 }
 
-/// The image exactly as the caller wrote it: looking it up needs no parse
-/// (the reference grammar is a backtracking regex, about a third of a
-/// webhook review's instructions when it ran on every hit). Two spellings of
-/// one image are two entries, each fetched once.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    /// The entry's parsed reference holds this same string when the image
-    /// was written in its normalized form (the usual case for function
-    /// images): one allocation for both.
-    image: Arc<str>,
-    /// Shared: nearly every key holds the default platform.
-    platform: Arc<Platform>,
-}
-
-/// A borrowed [`Key`] for lookups without allocating. Hashes like `Key`
-/// (`str` and `Platform` hash the same behind a `Box`, an `Arc` or a `&`).
+/// What a request asks for: the image exactly as the caller wrote it, so
+/// that looking it up needs no parse (the reference grammar is a
+/// backtracking regex, about a third of a webhook review's instructions when
+/// it ran on every hit), and the platform, `None` for the default (nearly
+/// every request). Two spellings of one image are two entries, each fetched
+/// once.
 #[derive(Clone, Copy, Hash)]
-struct KeyRef<'a> {
+struct Wanted<'a> {
     image: &'a str,
-    platform: &'a Platform,
-}
-
-impl Equivalent<Key> for KeyRef<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        self.image == &*key.image && self.platform == &*key.platform
-    }
-}
-
-#[derive(Debug)]
-struct Entry {
-    /// The parse of the key's image, kept for hits (credential choice,
-    /// building answers) and revalidation.
-    reference: ImageRef,
-    /// Who fetched it: served only while that is still the credential for
-    /// its registry.
-    credential: Option<CredentialId>,
-    outcome: Result<ImageInfo, RegistryError>,
-    fetched_at: Instant,
-    /// Digest-pinned references never change: never revalidated, never expire.
-    pinned: bool,
-    revalidating: AtomicBool,
-}
-
-impl Entry {
-    fn new(
-        reference: ImageRef,
-        credential: Option<CredentialId>,
-        outcome: Result<ImageInfo, RegistryError>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            pinned: reference.digest().is_some(),
-            reference,
-            credential,
-            outcome,
-            fetched_at: Instant::now(),
-            revalidating: AtomicBool::new(false),
-        })
-    }
+    platform: Option<&'a Platform>,
 }
 
 /// A resolved image for the webhook: the cache entry itself, so a hit
 /// copies nothing and no entry has to keep a built answer.
 #[derive(Debug, Clone)]
 pub struct Cached {
-    /// Its outcome is an answer: only those are handed out.
-    entry: Arc<Entry>,
+    /// It holds an answer: failures are not handed out as `Cached`.
+    entry: Entry,
     needs_pull_secret: bool,
 }
 
@@ -157,12 +115,7 @@ impl Cached {
     /// What the patch is built from (`None` never happens: failures are
     /// not `Cached`).
     pub fn answer(&self) -> Option<ImageAnswer<'_>> {
-        let info = self.entry.outcome.as_ref().ok()?;
-        Some(ImageAnswer {
-            reference: &self.entry.reference,
-            info,
-            needs_pull_secret: self.needs_pull_secret,
-        })
+        self.entry.answer(self.needs_pull_secret)
     }
 
     pub fn needs_pull_secret(&self) -> bool {
@@ -184,23 +137,29 @@ enum Verdict {
 #[derive(Clone)]
 struct CountEvictions(Arc<Metrics>);
 
-impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
+impl Lifecycle<u64, Entry> for CountEvictions {
     type RequestState = ();
 
-    fn on_evict(&self, _: &mut (), _: Key, _: Arc<Entry>) {
+    fn on_evict(&self, _: &mut (), _: u64, _: Entry) {
         self.0.cache_evictions.inc();
     }
 }
 
+/// Keyed by [`CachedResolver::key`].
 type Answers =
-    quick_cache::sync::Cache<Key, Arc<Entry>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+    quick_cache::sync::Cache<u64, Entry, UnitWeighter, DefaultHashBuilder, CountEvictions>;
 
 /// A [`Resolver`] with the shared cache in front. Cheap to clone.
 #[derive(Clone)]
 pub struct CachedResolver {
     resolver: Arc<Resolver>,
     answers: Arc<Answers>,
-    default_platform: Arc<Platform>,
+    /// Seeded per process: which images share a key is not predictable.
+    keys: DefaultHashBuilder,
+    /// Keys of the entries being revalidated, one revalidation each. Rare
+    /// (once per tag and TTL), so a set beside the entries rather than a
+    /// flag in every one of them.
+    revalidating: Arc<Mutex<HashSet<u64>>>,
     settings: CacheSettings,
     metrics: Arc<Metrics>,
 }
@@ -227,9 +186,10 @@ impl CachedResolver {
             CountEvictions(metrics.clone()),
         );
         Self {
-            default_platform: Arc::new(resolver.default_platform().clone()),
             resolver,
             answers: Arc::new(answers),
+            keys: DefaultHashBuilder::default(),
+            revalidating: Arc::default(),
             settings,
             metrics,
         }
@@ -243,25 +203,43 @@ impl CachedResolver {
         self.answers.len() as u64
     }
 
-    /// What `entry` gives a request that started at `started`. Counts the
-    /// lookup and starts a revalidation when it serves a stale tag.
-    fn verdict(&self, key: KeyRef<'_>, entry: &Arc<Entry>, started: Instant) -> Verdict {
-        let credential = self.resolver.credential_for(&entry.reference);
-        if credential.as_ref().map(|c| c.id) != entry.credential {
+    /// The key of `wanted` in `answers`.
+    fn key(&self, wanted: Wanted<'_>) -> u64 {
+        self.keys.hash_one(wanted)
+    }
+
+    /// `platform`, or `None` when it is the default.
+    fn wanted<'a>(&self, image: &'a str, platform: Option<&'a Platform>) -> Wanted<'a> {
+        Wanted {
+            image,
+            platform: platform.filter(|p| *p != self.resolver.default_platform()),
+        }
+    }
+
+    /// What `entry` gives a request that started at `started` (on
+    /// [`entry::now`]'s clock). Counts the lookup and starts a revalidation
+    /// when it serves a stale tag.
+    fn verdict(&self, wanted: Wanted<'_>, key: u64, entry: &Entry, started: u64) -> Verdict {
+        if !entry.is_for(wanted.image, wanted.platform) {
+            // Another image with the same key: this one replaces it.
             return Verdict::Refetch;
         }
-        let age = entry.fetched_at.elapsed();
+        let credential = self.resolver.credential_for(&entry.reference());
+        if credential.as_ref().map(|c| c.id) != entry.credential() {
+            return Verdict::Refetch;
+        }
+        let age = entry.age(entry::now());
         // Fetched after this request began: it is the fetch this request
         // waited for (already counted as its miss).
-        let awaited = started < entry.fetched_at;
+        let awaited = started < entry.fetched_at();
         let count = |result| {
             if !awaited {
                 self.metrics.cache_lookup(result);
             }
         };
-        match &entry.outcome {
-            Ok(_) if awaited => Verdict::Serve(CacheStatus::Miss, credential),
-            Err(e) if e.kind().is_definitive() => {
+        match entry.failure() {
+            None if awaited => Verdict::Serve(CacheStatus::Miss, credential),
+            Some(e) if e.kind().is_definitive() => {
                 if age < self.settings.negative_ttl {
                     count("negative");
                     Verdict::Fail(e.clone())
@@ -271,18 +249,18 @@ impl CachedResolver {
             }
             // A transient failure is the answer of the fetch the request
             // waited for; a request arriving after it tries again.
-            Err(e) if awaited => Verdict::Fail(e.clone()),
-            Err(_) => Verdict::Refetch,
-            Ok(_) if entry.pinned || age < self.settings.tag_ttl => {
+            Some(e) if awaited => Verdict::Fail(e.clone()),
+            Some(_) => Verdict::Refetch,
+            None if entry.pinned() || age < self.settings.tag_ttl => {
                 count("hit");
                 Verdict::Serve(CacheStatus::Hit, credential)
             }
-            Ok(_) if age < self.settings.tag_ttl + self.settings.max_stale => {
+            None if age < self.settings.tag_ttl + self.settings.max_stale => {
                 count("stale");
                 self.revalidate_in_background(key, entry.clone(), credential.as_ref());
                 Verdict::Serve(CacheStatus::Stale, credential)
             }
-            Ok(_) => Verdict::Refetch,
+            None => Verdict::Refetch,
         }
     }
 
@@ -295,12 +273,15 @@ impl CachedResolver {
         &self,
         image: &str,
     ) -> Option<Result<(Cached, CacheStatus), ResolveError>> {
-        let platform = self.resolver.default_platform();
-        let key = KeyRef { image, platform };
+        let wanted = Wanted {
+            image,
+            platform: None,
+        };
+        let key = self.key(wanted);
         // A miss, or an invalid image: `resolve_for_pod` fetches or says why
         // not (parsing here too would cost a second parse on every miss).
         let entry = self.answers.get(&key)?;
-        match self.verdict(key, &entry, Instant::now()) {
+        match self.verdict(wanted, key, &entry, entry::now()) {
             Verdict::Serve(status, credential) => {
                 Some(Ok((self.cached(entry, credential), status)))
             }
@@ -317,33 +298,15 @@ impl CachedResolver {
         &self,
         image: &str,
     ) -> Result<(Cached, CacheStatus), ResolveError> {
-        let (entry, status, credential) =
-            self.lookup(image, self.resolver.default_platform()).await?;
+        let (entry, status, credential) = self.lookup(self.wanted(image, None)).await?;
         Ok((self.cached(entry, credential), status))
     }
 
-    fn cached(&self, entry: Arc<Entry>, credential: Option<Arc<KeyedCredential>>) -> Cached {
+    fn cached(&self, entry: Entry, credential: Option<Arc<KeyedCredential>>) -> Cached {
         Cached {
             entry,
             needs_pull_secret: self.resolver.pull_secret_for(credential).is_some(),
         }
-    }
-
-    fn resolution(
-        &self,
-        image: &str,
-        reference: &ImageRef,
-        info: &ImageInfo,
-        platform: &Platform,
-        credential: Option<&Arc<KeyedCredential>>,
-    ) -> Resolution {
-        Resolution::new(
-            image,
-            reference,
-            info,
-            platform,
-            self.resolver.pull_secret_for(credential),
-        )
     }
 
     /// Resolves `image` through the cache.
@@ -352,56 +315,58 @@ impl CachedResolver {
         image: &str,
         platform: Option<&Platform>,
     ) -> Result<(Resolution, CacheStatus), ResolveError> {
+        let (entry, status, credential) = self.lookup(self.wanted(image, platform)).await?;
+        let pull_secret = self.resolver.pull_secret_for(credential.as_ref());
         let platform = platform.unwrap_or(self.resolver.default_platform());
-        let (entry, status, credential) = self.lookup(image, platform).await?;
-        match &entry.outcome {
-            Ok(info) => Ok((
-                self.resolution(image, &entry.reference, info, platform, credential.as_ref()),
+        match entry.answer(pull_secret.is_some()) {
+            Some(answer) => Ok((
+                Resolution::new(image, &answer, platform, pull_secret),
                 status,
             )),
-            Err(source) => Err(ResolveError::Registry {
+            // `lookup` hands out answers only.
+            None => Err(ResolveError::Registry {
                 image: image.to_string(),
-                source: source.clone(),
+                source: entry
+                    .failure()
+                    .cloned()
+                    .unwrap_or_else(|| unreachable!("an entry is an answer or a failure")),
             }),
         }
     }
 
-    /// The entry that answers `image`, fetching it when no entry can. Its
-    /// outcome is always an answer: failures come back as the error.
+    /// The entry that answers `wanted`, fetching it when no entry can. It
+    /// always holds an answer: failures come back as the error.
     async fn lookup(
         &self,
-        image: &str,
-        platform: &Platform,
-    ) -> Result<(Arc<Entry>, CacheStatus, Option<Arc<KeyedCredential>>), ResolveError> {
-        let started = Instant::now();
-        let key = KeyRef { image, platform };
+        wanted: Wanted<'_>,
+    ) -> Result<(Entry, CacheStatus, Option<Arc<KeyedCredential>>), ResolveError> {
+        let started = entry::now();
+        let key = self.key(wanted);
         let fail = |source| ResolveError::Registry {
-            image: image.to_string(),
+            image: wanted.image.to_string(),
             source,
         };
         if let Some(entry) = self.answers.get(&key) {
-            match self.verdict(key, &entry, started) {
+            match self.verdict(wanted, key, &entry, started) {
                 Verdict::Serve(status, credential) => return Ok((entry, status, credential)),
                 Verdict::Fail(e) => return Err(fail(e)),
                 Verdict::Refetch => {}
             }
         }
         self.metrics.cache_lookup("miss");
-        let owned = Key {
-            image: image.into(),
-            platform: self.shared_platform(platform),
-        };
         // Either an entry arrived meanwhile (another request fetched it, and
         // this one waited), or this request gets the placeholder and fetches.
         // The callback runs under the shard's lock: no cache calls in it.
         let guard = match self
             .answers
-            .entry_async(&owned, |_, entry| match self.verdict(key, entry, started) {
-                Verdict::Serve(status, credential) => {
-                    EntryAction::Retain(Ok((entry.clone(), status, credential)))
+            .entry_async(&key, |_, entry| {
+                match self.verdict(wanted, key, entry, started) {
+                    Verdict::Serve(status, credential) => {
+                        EntryAction::Retain(Ok((entry.clone(), status, credential)))
+                    }
+                    Verdict::Fail(e) => EntryAction::Retain(Err(e)),
+                    Verdict::Refetch => EntryAction::ReplaceWithGuard,
                 }
-                Verdict::Fail(e) => EntryAction::Retain(Err(e)),
-                Verdict::Refetch => EntryAction::ReplaceWithGuard,
             })
             .await
         {
@@ -415,8 +380,9 @@ impl CachedResolver {
         // An invalid image is not remembered: it must not take the room of
         // valid ones, and its error is cheap to find again. Dropping the
         // guard hands the placeholder to the next waiter.
-        let reference = self.resolver.parse(image)?.sharing(&owned.image);
+        let reference = self.resolver.parse(wanted.image)?;
         let credential = self.resolver.credential_for(&reference);
+        let platform = wanted.platform.unwrap_or(self.resolver.default_platform());
         let outcome = self
             .resolver
             .fetch(
@@ -425,20 +391,19 @@ impl CachedResolver {
                 credential.as_deref().map(|c| &c.credential),
             )
             .await;
-        let entry = Entry::new(reference, credential.as_ref().map(|c| c.id), outcome);
+        let asked = wanted.platform.map(|p| Arc::new(p.clone()));
+        let entry = Entry::new(
+            wanted.image,
+            asked.as_ref(),
+            &reference,
+            credential.as_ref().map(|c| c.id),
+            outcome,
+        );
         // Failures are inserted too: that is how the waiters get this one.
         let _ = guard.insert(entry.clone());
-        match &entry.outcome {
-            Ok(_) => Ok((entry, CacheStatus::Miss, credential)),
-            Err(e) => Err(fail(e.clone())),
-        }
-    }
-
-    fn shared_platform(&self, platform: &Platform) -> Arc<Platform> {
-        if platform == &*self.default_platform {
-            self.default_platform.clone()
-        } else {
-            Arc::new(platform.clone())
+        match entry.failure() {
+            None => Ok((entry, CacheStatus::Miss, credential)),
+            Some(e) => Err(fail(e.clone())),
         }
     }
 
@@ -447,51 +412,66 @@ impl CachedResolver {
     /// serving the old answer until `max_stale`. One revalidation per entry.
     fn revalidate_in_background(
         &self,
-        key: KeyRef<'_>,
-        entry: Arc<Entry>,
+        key: u64,
+        entry: Entry,
         credential: Option<&Arc<KeyedCredential>>,
     ) {
-        if entry.revalidating.swap(true, Ordering::AcqRel) {
+        let lock = |set: &Mutex<HashSet<u64>>| {
+            // The set stays consistent across a panic (one insert or remove).
+            set.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key)
+        };
+        if !lock(&self.revalidating) {
             return;
         }
         let this = self.clone();
-        let key = Key {
-            image: key.image.into(),
-            platform: self.shared_platform(key.platform),
-        };
         let credential = credential.cloned();
         tokio::spawn(async move {
-            let Ok(old) = &entry.outcome else { return };
-            let reference = &entry.reference;
+            // Whatever happens below, the next stale hit may try again.
+            let _done = Revalidating(&this.revalidating, key);
+            let Some(old) = entry.answer(false) else {
+                return;
+            };
+            let reference = old.reference.to_owned();
+            let platform = entry
+                .platform()
+                .map_or(this.resolver.default_platform(), |p| &**p);
             let login = credential.as_deref().map(|c| &c.credential);
-            let outcome = match this.resolver.current_digest(reference, login).await {
+            let id = credential.as_ref().map(|c| c.id);
+            let renewed = match this.resolver.current_digest(&reference, login).await {
                 Ok(Some(digest)) if old.digest.is(&digest) => {
                     debug!(image = %reference, "tag unchanged");
-                    Ok(old.clone())
+                    Ok(entry.renewed())
                 }
-                Ok(_) => this.resolver.fetch(reference, &key.platform, login).await,
+                Ok(_) => this
+                    .resolver
+                    .fetch(&reference, platform, login)
+                    .await
+                    .map(|info| {
+                        if !old.digest.is(&info.digest.to_string()) {
+                            info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
+                        }
+                        Entry::new(entry.written(), entry.platform(), &reference, id, Ok(info))
+                    }),
                 Err(e) => Err(e),
             };
-            let id = credential.as_ref().map(|c| c.id);
-            // The new entry shares the new key's string, as on a miss.
-            let renewed = reference.clone().sharing(&key.image);
-            match outcome {
-                Ok(info) => {
-                    if info.digest != old.digest {
-                        info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
-                    }
+            match renewed {
+                Ok(renewed) => {
                     this.metrics.cache_revalidation("refreshed");
-                    this.answers.insert(key, Entry::new(renewed, id, Ok(info)));
+                    this.answers.insert(key, renewed);
                 }
                 Err(e) if e.kind().is_definitive() => {
                     warn!(image = %reference, error = %e, "cached tag is no longer resolvable");
                     this.metrics.cache_revalidation("gone");
-                    this.answers.insert(key, Entry::new(renewed, id, Err(e)));
+                    let gone =
+                        Entry::new(entry.written(), entry.platform(), &reference, id, Err(e));
+                    this.answers.insert(key, gone);
                 }
                 Err(e) => {
-                    warn!(image = %reference, error = %e, age_secs = entry.fetched_at.elapsed().as_secs(), "registry failing; serving the cached answer");
+                    let age_secs = entry.age(entry::now()).as_secs();
+                    warn!(image = %reference, error = %e, age_secs, "registry failing; serving the cached answer");
                     this.metrics.cache_revalidation("failed");
-                    entry.revalidating.store(false, Ordering::Release);
                 }
             }
         });
@@ -500,6 +480,18 @@ impl CachedResolver {
     /// Drops answers fetched with credentials that are no longer configured.
     pub fn retain_credentials(&self, current: &[CredentialId]) {
         self.answers
-            .retain(|_, entry| entry.credential.is_none_or(|id| current.contains(&id)));
+            .retain(|_, entry| entry.credential().is_none_or(|id| current.contains(&id)));
+    }
+}
+
+/// Takes a key out of the revalidation set when dropped.
+struct Revalidating<'a>(&'a Mutex<HashSet<u64>>, u64);
+
+impl Drop for Revalidating<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.1);
     }
 }
