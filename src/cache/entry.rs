@@ -209,8 +209,16 @@ impl Entry {
 
     /// The answer, unless this entry is a failure.
     pub(super) fn answer(&self, needs_pull_secret: bool) -> Option<ImageAnswer<'_>> {
-        if self.failure().is_some() {
-            return None;
+        self.outcome(needs_pull_secret).ok()
+    }
+
+    /// The answer, or the failure.
+    pub(super) fn outcome(
+        &self,
+        needs_pull_secret: bool,
+    ) -> Result<ImageAnswer<'_>, &RegistryError> {
+        if let Some(failure) = self.failure() {
+            return Err(failure);
         }
         let header = &self.0.header;
         let rare = self.rare();
@@ -224,7 +232,7 @@ impl Entry {
             Some(other) => DigestRef::Other(other),
             None => DigestRef::Sha256(&header.sha256),
         };
-        Some(ImageAnswer {
+        Ok(ImageAnswer {
             reference: ImageRef::from_parts(reference, header.ends),
             digest,
             config_entrypoint: Args::Packed(entrypoint),

@@ -318,18 +318,15 @@ impl CachedResolver {
         let (entry, status, credential) = self.lookup(self.wanted(image, platform)).await?;
         let pull_secret = self.resolver.pull_secret_for(credential.as_ref());
         let platform = platform.unwrap_or(self.resolver.default_platform());
-        match entry.answer(pull_secret.is_some()) {
-            Some(answer) => Ok((
+        match entry.outcome(pull_secret.is_some()) {
+            Ok(answer) => Ok((
                 Resolution::new(image, &answer, platform, pull_secret),
                 status,
             )),
-            // `lookup` hands out answers only.
-            None => Err(ResolveError::Registry {
+            // `lookup` hands out answers only, but an entry is either.
+            Err(source) => Err(ResolveError::Registry {
                 image: image.to_string(),
-                source: entry
-                    .failure()
-                    .cloned()
-                    .unwrap_or_else(|| unreachable!("an entry is an answer or a failure")),
+                source: source.clone(),
             }),
         }
     }
