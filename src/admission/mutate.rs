@@ -151,8 +151,7 @@ pub fn plan<'r>(
 
             let args = container.args.as_deref().unwrap_or_default();
             let command = container.command.as_deref().unwrap_or_default();
-            let info = resolution;
-            let entrypoint = info.entrypoint();
+            let entrypoint = resolution.entrypoint();
             let no_entrypoint = || MutationError::NoEntrypointAfterMarker {
                 container: container.name.clone(),
                 image: resolution.reference.to_string(),
@@ -167,10 +166,10 @@ pub fn plan<'r>(
                 // anyway; saying so keeps a second pass (reinvocation) from
                 // reading the filled args as a container to make explicit.
                 // Found by fuzzing the plan's idempotence.
-                if command.is_empty() && !info.config_entrypoint.is_empty() {
+                if command.is_empty() && !resolution.config_entrypoint.is_empty() {
                     mutation
                         .operations
-                        .push(add(&at("command"), json!(info.config_entrypoint)));
+                        .push(add(&at("command"), json!(resolution.config_entrypoint)));
                 }
             } else if args.is_empty()
                 && command.last().map(String::as_str) == Some(ENTRYPOINT_MARKER)
@@ -182,18 +181,23 @@ pub fn plan<'r>(
                 mutation.operations.push(add(&at("command"), json!(filled)));
             } else if command.is_empty() {
                 // Make the image's own start explicit, as the kubelet would run it.
-                if info.config_entrypoint.is_empty() && info.cmd.is_empty() && args.is_empty() {
+                if resolution.config_entrypoint.is_empty()
+                    && resolution.cmd.is_empty()
+                    && args.is_empty()
+                {
                     return Err(MutationError::NothingToRun {
                         container: container.name.clone(),
                         image: resolution.reference.to_string(),
                     });
                 }
-                if !info.config_entrypoint.is_empty() {
+                if !resolution.config_entrypoint.is_empty() {
                     mutation
                         .operations
-                        .push(add(&at("command"), json!(info.config_entrypoint)));
-                    if args.is_empty() && !info.cmd.is_empty() {
-                        mutation.operations.push(add(&at("args"), json!(info.cmd)));
+                        .push(add(&at("command"), json!(resolution.config_entrypoint)));
+                    if args.is_empty() && !resolution.cmd.is_empty() {
+                        mutation
+                            .operations
+                            .push(add(&at("args"), json!(resolution.cmd)));
                     }
                 }
             }

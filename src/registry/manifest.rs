@@ -329,13 +329,6 @@ impl DigestRef<'_> {
             Self::Other(own) => own.eq_ignore_ascii_case(text),
         }
     }
-
-    pub fn to_owned(&self) -> Digest {
-        match self {
-            Self::Sha256(bytes) => Digest::Sha256(**bytes),
-            Self::Other(text) => Digest::Other((*text).into()),
-        }
-    }
 }
 
 impl fmt::Display for DigestRef<'_> {

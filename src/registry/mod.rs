@@ -539,7 +539,7 @@ impl Resolver {
             .any(|a| a.contains('\0'))
         {
             return Err(invalid(
-                "the image config's Entrypoint or Cmd holds a NUL character, which no program argument can".into(),
+                "the image config's Entrypoint or Cmd holds a NUL character, which no program argument can hold".into(),
             ));
         }
         Ok(ImageInfo {
