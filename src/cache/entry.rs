@@ -14,7 +14,7 @@
 //! were three allocations of 160 + 64 + 16 + 8 bytes before, plus a 24-byte
 //! key in quick_cache's slot that the header's check now replaces.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use triomphe::HeaderSlice;
@@ -56,7 +56,7 @@ struct Rare {
     /// The image as written, when that is not its normalized reference.
     written: Option<Box<str>>,
     /// The platform asked for, when it is not the default.
-    platform: Option<Arc<Platform>>,
+    platform: Option<Platform>,
     /// The platform of the config that was read, when not the one asked for.
     resolved: Option<Platform>,
     /// A digest that is not a lower-case sha256.
@@ -82,7 +82,7 @@ impl Entry {
     /// for the default) gave.
     pub(super) fn new(
         written: &str,
-        platform: Option<&Arc<Platform>>,
+        platform: Option<&Platform>,
         reference: &ImageRef,
         credential: Option<CredentialId>,
         outcome: Result<ImageInfo, RegistryError>,
@@ -165,16 +165,11 @@ impl Entry {
     /// The cache is keyed by a hash of both: two images whose hashes agree
     /// take turns in one slot, and neither is ever given the other's answer.
     pub(super) fn is_for(&self, image: &str, platform: Option<&Platform>) -> bool {
-        let rare = self.rare();
-        let written = rare
-            .and_then(|r| r.written.as_deref())
-            .unwrap_or_else(|| self.split().0);
-        let asked = rare.and_then(|r| r.platform.as_deref());
-        written == image && asked == platform
+        self.written() == image && self.platform() == platform
     }
 
     /// The platform asked for, when it is not the default.
-    pub(super) fn platform(&self) -> Option<&Arc<Platform>> {
+    pub(super) fn platform(&self) -> Option<&Platform> {
         self.rare().and_then(|r| r.platform.as_ref())
     }
 
@@ -348,7 +343,7 @@ mod tests {
 
     #[test]
     fn rare_parts_are_kept_and_checked() {
-        let platform = Arc::new("linux/arm64".parse::<Platform>().expect("platform"));
+        let platform = "linux/arm64".parse::<Platform>().expect("platform");
         let mut answer = info(&["f"], &[]);
         answer.digest = Digest::new(&format!("sha512:{}", "c".repeat(128)));
         answer.platform = Some("linux/arm64/v8".parse::<Platform>().expect("platform"));

@@ -388,10 +388,9 @@ impl CachedResolver {
                 credential.as_deref().map(|c| &c.credential),
             )
             .await;
-        let asked = wanted.platform.map(|p| Arc::new(p.clone()));
         let entry = Entry::new(
             wanted.image,
-            asked.as_ref(),
+            wanted.platform,
             &reference,
             credential.as_ref().map(|c| c.id),
             outcome,
@@ -413,27 +412,20 @@ impl CachedResolver {
         entry: Entry,
         credential: Option<&Arc<KeyedCredential>>,
     ) {
-        let lock = |set: &Mutex<HashSet<u64>>| {
-            // The set stays consistent across a panic (one insert or remove).
-            set.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(key)
-        };
-        if !lock(&self.revalidating) {
+        // Whatever happens to the task, the next stale hit may try again
+        // once it is over.
+        let Some(running) = Revalidating::start(&self.revalidating, key) else {
             return;
-        }
+        };
         let this = self.clone();
         let credential = credential.cloned();
         tokio::spawn(async move {
-            // Whatever happens below, the next stale hit may try again.
-            let _done = Revalidating(&this.revalidating, key);
+            let _running = running;
             let Some(old) = entry.answer(false) else {
                 return;
             };
             let reference = old.reference.to_owned();
-            let platform = entry
-                .platform()
-                .map_or(this.resolver.default_platform(), |p| &**p);
+            let platform = entry.platform().unwrap_or(this.resolver.default_platform());
             let login = credential.as_deref().map(|c| &c.credential);
             let id = credential.as_ref().map(|c| c.id);
             let renewed = match this.resolver.current_digest(&reference, login).await {
@@ -446,7 +438,7 @@ impl CachedResolver {
                     .fetch(&reference, platform, login)
                     .await
                     .map(|info| {
-                        if !old.digest.is(&info.digest.to_string()) {
+                        if info.digest.borrowed() != old.digest {
                             info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
                         }
                         Entry::new(entry.written(), entry.platform(), &reference, id, Ok(info))
@@ -481,14 +473,23 @@ impl CachedResolver {
     }
 }
 
-/// Takes a key out of the revalidation set when dropped.
-struct Revalidating<'a>(&'a Mutex<HashSet<u64>>, u64);
+/// A key in the revalidation set, taken out when dropped.
+struct Revalidating(Arc<Mutex<HashSet<u64>>>, u64);
 
-impl Drop for Revalidating<'_> {
-    fn drop(&mut self) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.1);
+impl Revalidating {
+    /// `None` when `key` is already being revalidated.
+    fn start(set: &Arc<Mutex<HashSet<u64>>>, key: u64) -> Option<Self> {
+        lock(set).insert(key).then(|| Self(set.clone(), key))
     }
+}
+
+impl Drop for Revalidating {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
+/// The set stays consistent across a panic (one insert or remove each).
+fn lock(set: &Mutex<HashSet<u64>>) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    set.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -6,7 +6,6 @@
 //! case-insensitively, and a tag is kept next to a digest for readability.
 
 use std::fmt;
-use std::sync::Arc;
 
 use super::grammar;
 
@@ -24,11 +23,10 @@ const MAX_HOST_LEN: usize = 253;
 
 /// A parsed, normalized image reference, `registry/repository[:tag][@digest]`,
 /// in one string with the ends of its parts. `S` holds the text: owned
-/// (`Arc<str>`, cheap to clone into a spawned fetch) or borrowed (`&str`,
-/// a view of the text packed into a cache entry, which keeps only the
-/// string and the three ends).
+/// (`Box<str>`) or borrowed (`&str`, a view of the text packed into a cache
+/// entry, which keeps only the string and the three ends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ImageRef<S = Arc<str>> {
+pub struct ImageRef<S = Box<str>> {
     text: S,
     /// Where the registry, the repository and the tag end in `text` (the
     /// tag's end is the repository's when there is no tag).
