@@ -91,15 +91,16 @@ async fn main() {
     }
     // The whole admission decision for a Porch function pod whose two images
     // are cached: parse the review, resolve, plan the patch, encode the answer.
-    let fixture = include_str!("../tests/fixtures/function-pod-review.json")
-        .replace("{{REGISTRY}}", &proxy.host);
+    let fixture = common::function_pod_review(&proxy.host, &proxy.host);
     let body = fixture.into_bytes();
     let admitter = fn_image_resolver::admission::Admitter::new(
         cache.clone(),
         fn_image_resolver::admission::AdmissionSettings {
             namespace: "porch-fn-system".into(),
+            function_label: "fn.kpt.dev/image".into(),
             pull_secret: "auth-secret".into(),
             failure_mode: fn_image_resolver::admission::FailureMode::Open,
+            pin_function_image: true,
             default_timeout: Duration::from_secs(10),
         },
     );

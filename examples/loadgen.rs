@@ -65,8 +65,12 @@ async fn main() {
             builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA PEM"));
     }
     let client = builder.build().expect("client");
-    let mut review: Value =
-        serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", &args.registry)).expect("fixture");
+    let mut review: Value = serde_json::from_str(
+        &FIXTURE
+            .replace("{{WRAPPER_REGISTRY}}", &args.registry)
+            .replace("{{REGISTRY}}", &args.registry),
+    )
+    .expect("fixture");
     review["request"]["object"]["spec"]["containers"][0]["image"] =
         json!(format!("{}/{}", args.registry, args.image));
     let body = Arc::new(serde_json::to_vec(&review).expect("json"));
@@ -76,8 +80,17 @@ async fn main() {
         let prefix = format!("{}/{}", args.registry, args.fresh_image);
         move |n: u64| {
             let mut review = review.clone();
-            review["request"]["object"]["spec"]["containers"][0]["image"] =
-                json!(format!("{prefix}{n}"));
+            let function = &mut review["request"]["object"]["spec"]["containers"][0];
+            function["image"] = json!(format!("{prefix}{n}"));
+            // The burst images' entrypoint, as Porch would have written it.
+            function["args"] = json!([
+                "--port",
+                "9446",
+                "--max-request-body-size",
+                "6291456",
+                "--",
+                "/fn"
+            ]);
             serde_json::to_vec(&review).expect("json")
         }
     };

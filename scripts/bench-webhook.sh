@@ -58,7 +58,7 @@ echo -n "  fn-image-resolver:  "; load --url "https://127.0.0.1:18443/mutate?tim
 if command -v wrk >/dev/null; then
     # wrk (C, one thread) leaves more of the 2 cores to the servers than our
     # loadgen does, so the ratio it shows is closer to the servers' own costs.
-    sed "s/{{REGISTRY}}/$reg/g" tests/fixtures/function-pod-review.json >"$work/review.json"
+    sed "s/{{REGISTRY}}/$reg/g; s/{{WRAPPER_REGISTRY}}/$reg/g" tests/fixtures/function-pod-review.json >"$work/review.json"
     { echo 'wrk.method = "POST"'; echo 'wrk.headers["Content-Type"] = "application/json"'
       printf 'wrk.body = [==[%s]==]\n' "$(cat "$work/review.json")"; } >"$work/post.lua"
     for target in "ceiling probe:18444" "fn-image-resolver:18443"; do

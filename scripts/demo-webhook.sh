@@ -23,7 +23,7 @@ target/debug/fn-image-resolver serve --listen "127.0.0.1:$port" \
     --resolver-listen 127.0.0.1:0 --insecure-registry "$host" --log-level warn &
 srv_pid=$!
 for _ in $(seq 100); do curl -sf --cacert "$work/certs/ca.crt" "https://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-sed "s/{{REGISTRY}}/$host/g" tests/fixtures/function-pod-review.json >"$work/review.json"
+sed "s/{{REGISTRY}}/$host/g; s/{{WRAPPER_REGISTRY}}/$host/g" tests/fixtures/function-pod-review.json >"$work/review.json"
 echo "\$ curl --cacert ca.crt https://127.0.0.1:$port/mutate?timeout=10s -d @function-pod-review.json"
 curl -sf --cacert "$work/certs/ca.crt" -H 'content-type: application/json' \
     "https://127.0.0.1:$port/mutate?timeout=10s" -d @"$work/review.json" >"$work/answer.json"

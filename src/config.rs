@@ -208,7 +208,14 @@ pub struct ServerArgs {
     )]
     pub resolver_allowed_registries: Vec<String>,
 
-    /// After SIGTERM, how long in-flight requests may take before exit.
+    /// After SIGTERM, how long both listeners keep serving (with /readyz
+    /// 503 and `Connection: close`) before they stop accepting, so that the
+    /// endpoints drop this pod before any connection is refused.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_DELAY", default_value = "5s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub shutdown_delay: Duration,
+
+    /// After the shutdown delay, how long in-flight requests may take before exit.
     #[arg(long, env = "FN_IMAGE_RESOLVER_SHUTDOWN_TIMEOUT", default_value = "20s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
@@ -232,6 +239,7 @@ impl ServerArgs {
             header_read_timeout: self.header_read_timeout,
             request_timeout: self.request_timeout,
             drain: self.shutdown_timeout,
+            delay: self.shutdown_delay,
         }
     }
 }
@@ -296,9 +304,11 @@ pub struct WebhookArgs {
     )]
     pub resolver_allowed_subjects: Vec<String>,
 
-    /// When images cannot be resolved in time (registry down, slow, 5xx):
-    /// `open` admits the pod unchanged with a warning, `closed` denies it.
-    /// Definitive failures (not found, unauthorized) always deny.
+    /// `open` denies a function pod only where it cannot be right (its
+    /// function image invalid, not found or without the platform, or a
+    /// needed entrypoint missing or unreadable) and admits containers it
+    /// cannot resolve as written, with a warning; `closed` denies any pod
+    /// with an image it cannot pin.
     #[arg(
         long,
         env = "FN_IMAGE_RESOLVER_FAILURE_MODE",
@@ -306,6 +316,15 @@ pub struct WebhookArgs {
         default_value = "open"
     )]
     pub failure_mode: FailureMode,
+
+    /// Pin the function container's image to its digest too. `false` for
+    /// clusters whose Porch re-adopts its pods by `spec.containers[0].image`
+    /// (README, "Running beside Porch"): its entrypoint is still checked
+    /// against the tag's current digest, and every other container is pinned.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_PIN_FUNCTION_IMAGE", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true,
+          value_name = "BOOL")]
+    pub pin_function_image: bool,
 
     /// Keep the pull secret mirrored into --pod-namespace (when private
     /// registries are enabled). Off for clusters where the secret is managed

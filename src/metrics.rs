@@ -20,6 +20,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RegistryLabels {
     registry: String,
     kind: String,
@@ -67,6 +72,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
     admission: Family<ResultLabel, Counter>,
+    admission_unpinned: Family<ReasonLabel, Counter>,
+    admission_entrypoints_replaced: Counter,
     secret_syncs: Family<ResultLabel, Counter>,
     secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     secret_propagation: Histogram,
@@ -148,6 +155,18 @@ impl Metrics {
             "AdmissionReviews answered by result (patched, unchanged, denied, failed-open, invalid)",
             admission.clone(),
         );
+        let admission_unpinned = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "admission_containers_unpinned",
+            "Containers admitted with their image as written because it could not be resolved, by reason (an error kind, or deadline)",
+            admission_unpinned.clone(),
+        );
+        let admission_entrypoints_replaced = Counter::default();
+        registry.register(
+            "admission_entrypoints_replaced",
+            "Function containers whose entrypoint after \"--\" did not match the pinned image and was replaced",
+            admission_entrypoints_replaced.clone(),
+        );
         let secret_syncs = Family::<ResultLabel, Counter>::default();
         registry.register(
             "secret_syncs",
@@ -210,6 +229,8 @@ impl Metrics {
             http_requests,
             http_latency,
             admission,
+            admission_unpinned,
+            admission_entrypoints_replaced,
             secret_syncs,
             secret_last_success,
             secret_propagation,
@@ -269,6 +290,17 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// A container admitted unpinned; `reason` is one of a fixed set.
+    pub fn admission_unpinned(&self, reason: &'static str) {
+        self.admission_unpinned
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn admission_entrypoint_replaced(&self) {
+        self.admission_entrypoints_replaced.inc();
     }
 
     /// Counts a request as in flight until the returned guard drops.

@@ -82,6 +82,16 @@ pub struct RegistrationArgs {
           value_parser = clap::value_parser!(i32).range(1..=30))]
     pub webhook_timeout: i32,
 
+    /// Only pods carrying this label are sent to the webhook (objectSelector
+    /// `Exists`) and mutated; Porch labels every function pod with it.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_FUNCTION_POD_LABEL",
+        default_value = "fn.kpt.dev/image",
+        value_name = "KEY"
+    )]
+    pub function_pod_label: String,
+
     /// What the API server does when the webhook cannot be reached.
     #[arg(
         long,
@@ -160,6 +170,15 @@ pub fn build(
                     vec![args.webhook_service_namespace.clone(), "kube-system".into()],
                 ),
             ]),
+            match_labels: None,
+        }),
+        // Function pods only: Porch labels each with its image's pod id.
+        object_selector: Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: args.function_pod_label.clone(),
+                operator: "Exists".into(),
+                values: None,
+            }]),
             match_labels: None,
         }),
         reinvocation_policy: Some("IfNeeded".into()),

@@ -44,18 +44,28 @@ pub struct MirrorSettings {
     pub resync: Duration,
 }
 
-/// Whether the target Secret is known to be in place (shared with the
-/// webhook, which must not inject a secret that does not exist, and with
-/// readiness).
+/// What the mirror knows: whether it has put the Secret in place once
+/// (readiness), and whether the Secret exists now, whoever wrote it (the
+/// webhook injects it only then; Porch's function runner writes it too).
 #[derive(Debug, Default)]
 pub struct MirrorStatus {
     synced: AtomicBool,
+    exists: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
 impl MirrorStatus {
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// The Secret exists in the namespace, as far as the watch on it knows.
+    pub fn secret_exists(&self) -> bool {
+        self.exists.load(Ordering::Acquire)
+    }
+
+    fn set_exists(&self, exists: bool) {
+        self.exists.store(exists, Ordering::Release);
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -73,6 +83,8 @@ impl MirrorStatus {
         match result {
             Ok(()) => {
                 self.synced.store(true, Ordering::Release);
+                // Just read or written: it exists (the watch may lag).
+                self.set_exists(true);
                 *last = None;
             }
             Err(e) => *last = Some(e.clone()),
@@ -259,19 +271,32 @@ pub async fn run(
     })
     .map_err(|e| warn!(path = %settings.source.display(), error = %e, "cannot watch the Docker config; relying on the periodic resync"))
     .ok();
-    // Watch just the target Secret: deleted or edited means restored now.
+    // Watch just the target Secret: deleted or edited means restored now,
+    // and it tells the webhook whether the Secret exists.
     let target = {
         let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
         let tx = tx.clone();
         let shutdown = shutdown.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let mut events = watcher(api, config).boxed();
+            // Whether the listing that a (re)started watch begins with saw it.
+            let mut listed = false;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     event = events.next() => match event {
-                        Some(Ok(_)) => { let _ = tx.try_send("target changed"); }
+                        Some(Ok(event)) => {
+                            match event {
+                                watcher::Event::Apply(_) => status.set_exists(true),
+                                watcher::Event::Delete(_) => status.set_exists(false),
+                                watcher::Event::Init => listed = false,
+                                watcher::Event::InitApply(_) => listed = true,
+                                watcher::Event::InitDone => status.set_exists(listed),
+                            }
+                            let _ = tx.try_send("target changed");
+                        }
                         Some(Err(e)) => {
                             debug!(error = %e, "watch on the pull secret interrupted; retrying");
                             tokio::time::sleep(Duration::from_secs(1)).await;

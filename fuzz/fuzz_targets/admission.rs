@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use fn_image_resolver::admission::mutate::{Pod, plan};
-use fn_image_resolver::admission::{Scope, decode};
+use fn_image_resolver::admission::mutate::{Options, Pod, PullSecret, Resolved, plan};
+use fn_image_resolver::admission::{FailureMode, Scope, decode};
 use fn_image_resolver::registry::{Digest, ImageAnswer, ImageInfo, ImageRef};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -43,12 +43,21 @@ fn table(images: &[String]) -> HashMap<String, (ImageRef, ImageInfo)> {
         .collect()
 }
 
-fn answer((reference, info): &(ImageRef, ImageInfo)) -> ImageAnswer<'_> {
-    info.answer(reference.borrowed(), true)
+fn answer((reference, info): &(ImageRef, ImageInfo)) -> Resolved<'_> {
+    Resolved::Answer(ImageAnswer::new(reference, info, true))
 }
 
+const OPTIONS: Options<'static> = Options {
+    failure_mode: FailureMode::Open,
+    pin_function_image: true,
+    pull_secret: Some(PullSecret {
+        name: "auth-secret",
+        exists: true,
+    }),
+};
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(decoded) = decode(data, "porch-fn-system") else {
+    let Ok(decoded) = decode(data, "porch-fn-system", "fn.kpt.dev/image") else {
         return;
     };
     let Scope::Pod(pod) = decoded.scope else {
@@ -56,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let resolved = table(&images(&pod));
     let lookup = |image: &str| resolved.get(image).map(answer);
-    let Ok(mutation) = plan(&pod, &lookup, Some("auth-secret")) else {
+    let Ok(mutation) = plan(&pod, &lookup, &OPTIONS) else {
         return;
     };
     // The webhook skips fields it does not read without validating their
@@ -76,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     let patched: Pod = serde_json::from_value(object).expect("a patched pod still reads as a Pod");
     let resolved = table(&images(&patched));
     let lookup = |image: &str| resolved.get(image).map(answer);
-    let again = plan(&patched, &lookup, Some("auth-secret")).expect("second pass");
+    let again = plan(&patched, &lookup, &OPTIONS).expect("second pass");
     assert!(
         again.operations.is_empty(),
         "second pass changes: {}",

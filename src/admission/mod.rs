@@ -2,7 +2,6 @@
 
 pub mod mutate;
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +9,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
-use self::mutate::Pod;
+use self::mutate::{Failure, FailureKind, Options, Pod, PullSecret, Resolved};
 use crate::cache::{CacheStatus, Cached, CachedResolver};
+use crate::metrics::Metrics;
 use crate::registry::ResolveError;
 use crate::secrets::MirrorStatus;
 
@@ -30,9 +30,14 @@ pub enum FailureMode {
 pub struct AdmissionSettings {
     /// Only pods created in this namespace are changed.
     pub namespace: String,
+    /// ... and only pods that carry this label (Porch's `fn.kpt.dev/image`).
+    pub function_label: String,
     /// Secret injected for images whose registry needs credentials.
     pub pull_secret: String,
     pub failure_mode: FailureMode,
+    /// Pin the function container's image too; its entrypoint is checked
+    /// either way.
+    pub pin_function_image: bool,
     /// Budget when the request carries no `?timeout=`.
     pub default_timeout: Duration,
 }
@@ -185,7 +190,8 @@ impl ReviewResponse {
 /// Whether a review is ours to mutate.
 #[derive(Debug)]
 pub enum Scope {
-    /// Not a Pod CREATE in the function namespace: admitted unchanged.
+    /// Not a CREATE of a function pod (labelled) in the function namespace:
+    /// admitted unchanged.
     Outside,
     /// In scope, but the object does not read as a Pod.
     NotAPod,
@@ -204,13 +210,17 @@ pub struct Decoded {
     pub scope: Scope,
 }
 
-/// Decodes an AdmissionReview body; `function_namespace` decides the scope.
-/// Pure and synchronous, so it is also what the fuzz target drives.
-pub fn decode(body: &[u8], function_namespace: &str) -> Result<Decoded, ReviewError> {
+/// Decodes an AdmissionReview body; a Pod CREATE in `function_namespace`
+/// whose pod carries `function_label` is in scope. Pure and synchronous, so
+/// it is also what the fuzz target drives.
+pub fn decode(
+    body: &[u8],
+    function_namespace: &str,
+    function_label: &str,
+) -> Result<Decoded, ReviewError> {
     let review: Envelope<'_> = serde_json::from_slice(body).map_err(|e| {
-        let mut msg = e.to_string();
-        msg.truncate(200);
-        ReviewError::Json(msg)
+        // Cut on a character boundary: serde's message can quote multibyte text.
+        ReviewError::Json(mutate::clip(&e.to_string(), 200))
     })?;
     // The API server must be speaking v1, or our answer would be misread.
     if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
@@ -229,7 +239,12 @@ pub fn decode(body: &[u8], function_namespace: &str) -> Result<Decoded, ReviewEr
             .object
             .and_then(|o| serde_json::from_str::<Pod>(o.get()).ok())
         {
-            Some(pod) => Scope::Pod(Box::new(pod)),
+            // The objectSelector already says so; checked again in case the
+            // configuration was edited by hand.
+            Some(pod) if pod.labels().is_some_and(|l| l.contains_key(function_label)) => {
+                Scope::Pod(Box::new(pod))
+            }
+            Some(_) => Scope::Outside,
             None => Scope::NotAPod,
         }
     };
@@ -249,9 +264,14 @@ pub struct Admitter {
     cache: CachedResolver,
     settings: AdmissionSettings,
     /// The pull-secret mirror, when this process keeps the secret in place:
-    /// the secret is only injected once it exists.
+    /// it watches the Secret, which is only injected once it exists
+    /// (whoever wrote it). `None`: injected without checking.
     mirror: Option<Arc<MirrorStatus>>,
+    metrics: Option<Arc<Metrics>>,
 }
+
+/// One image's outcome for this review.
+type Outcome = Result<(Cached, CacheStatus), Failure>;
 
 impl Admitter {
     pub fn new(cache: CachedResolver, settings: AdmissionSettings) -> Self {
@@ -259,11 +279,19 @@ impl Admitter {
             cache,
             settings,
             mirror: None,
+            metrics: None,
         }
     }
 
+    /// Injects the pull secret only while `mirror` has seen it exist.
     pub fn with_mirror(mut self, mirror: Arc<MirrorStatus>) -> Self {
         self.mirror = Some(mirror);
+        self
+    }
+
+    /// Counts unpinned containers and replaced entrypoints.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -276,7 +304,11 @@ impl Admitter {
         body: &[u8],
         timeout: Option<Duration>,
     ) -> Result<ReviewResponse, ReviewError> {
-        let decoded = decode(body, &self.settings.namespace)?;
+        let decoded = decode(
+            body,
+            &self.settings.namespace,
+            &self.settings.function_label,
+        )?;
         let uid = decoded.uid;
         let span = tracing::Span::current();
         span.record("uid", uid.as_str());
@@ -312,141 +344,139 @@ impl Admitter {
         Ok(self.mutate(&uid, &pod, budget).await)
     }
 
-    async fn mutate(&self, uid: &str, pod: &Pod, budget: Duration) -> ReviewResponse {
-        let images: BTreeSet<String> = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-            .filter_map(|c| c.image.clone())
-            .filter(|i| !i.is_empty())
-            .collect();
-        // Cache hits are answered here. Misses run as tasks: one that misses
-        // the deadline still finishes and fills the cache for the API
-        // server's retry.
-        let mut outcomes = Vec::with_capacity(images.len());
+    /// Resolves what the pod needs resolved, within `budget`. Cache hits
+    /// are answered here; misses run as tasks, and one that misses the
+    /// deadline still finishes and fills the cache for the API server's retry.
+    async fn resolve_all<'p>(&self, pod: &'p Pod, budget: Duration) -> Vec<(&'p str, Outcome)> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut outcomes = Vec::new();
         let mut pending = Vec::new();
-        for image in &images {
+        for image in mutate::images_to_resolve(pod) {
             match self.cache.resolve_cached(image) {
-                Some(outcome) => outcomes.push((image, outcome)),
+                Some(outcome) => {
+                    outcomes.push((image, outcome.map_err(|e| self.failure(image, &e))))
+                }
                 None => {
                     let cache = self.cache.clone();
-                    let owned = image.clone();
-                    let task = tokio::spawn(async move { cache.resolve_for_pod(&owned).await });
+                    let owned = image.to_string();
+                    let task = tokio::spawn(
+                        async move { cache.resolve_for_pod(&owned).await }.in_current_span(),
+                    );
                     pending.push((image, task));
                 }
             }
         }
-        if !pending.is_empty() {
-            let (names, tasks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
-            let joined = tokio::time::timeout(budget, futures_util::future::join_all(tasks)).await;
-            let Ok(joined) = joined else {
-                return self.transient(
-                    uid,
-                    format!(
-                        "image resolution did not finish within the {}ms admission budget",
+        // The tasks run concurrently; waiting for each in turn until the
+        // one deadline costs no more than waiting for all.
+        for (image, mut task) in pending {
+            let outcome = match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(outcome)) => outcome.map_err(|e| self.failure(image, &e)),
+                Ok(Err(join)) => Err(Failure {
+                    kind: FailureKind::Internal,
+                    message: format!("resolving {image} failed: {join}"),
+                    needs_pull_secret: self.cache.needs_pull_secret(image),
+                }),
+                Err(_) => Err(Failure {
+                    kind: FailureKind::Deadline,
+                    message: format!(
+                        "{image} was not resolved within the {}ms admission budget",
                         budget.as_millis()
                     ),
-                );
+                    needs_pull_secret: self.cache.needs_pull_secret(image),
+                }),
             };
-            for (image, result) in names.into_iter().zip(joined) {
-                match result {
-                    Ok(outcome) => outcomes.push((image, outcome)),
-                    Err(join) => {
-                        return self.transient(uid, format!("resolving {image} failed: {join}"));
-                    }
-                }
-            }
-            // The first failing image in name order decides, as before.
-            outcomes.sort_by(|a, b| a.0.cmp(b.0));
+            outcomes.push((image, outcome));
         }
-        let mut resolved: HashMap<String, Cached> = HashMap::new();
+        outcomes
+    }
+
+    fn failure(&self, image: &str, error: &ResolveError) -> Failure {
+        Failure {
+            kind: FailureKind::Resolve(error.kind()),
+            message: error.to_string(),
+            needs_pull_secret: self.cache.needs_pull_secret(image),
+        }
+    }
+
+    async fn mutate(&self, uid: &str, pod: &Pod, budget: Duration) -> ReviewResponse {
+        let outcomes = self.resolve_all(pod, budget).await;
         let mut warnings = Vec::new();
-        for (image, outcome) in outcomes {
-            match outcome {
-                Ok((resolution, status)) => {
-                    if status == CacheStatus::Stale {
-                        warnings.push(format!(
-                            "{image}: pinned from a cached answer that could not be revalidated yet"
-                        ));
-                    }
-                    resolved.insert(image.clone(), resolution);
-                }
-                Err(e) if e.kind().is_definitive() => {
-                    return ReviewResponse::deny(uid, deny_code(&e), e.to_string());
-                }
-                Err(e) => return self.transient(uid, e.to_string()),
+        for (image, outcome) in &outcomes {
+            if let Ok((_, CacheStatus::Stale)) = outcome {
+                warnings.push(format!(
+                    "{image}: pinned from a cached answer that could not be revalidated yet"
+                ));
             }
         }
-        // Seed: "pod creation fails if secret required but unavailable".
-        if let Some(mirror) = &self.mirror
-            && !mirror.is_synced()
-            && resolved.values().any(Cached::needs_pull_secret)
-        {
-            return ReviewResponse::deny(
+        let lookup = |image: &str| -> Option<Resolved<'_>> {
+            match outcomes.iter().find(|(i, _)| *i == image) {
+                Some((_, Ok((cached, _)))) => cached.answer().map(Resolved::Answer),
+                Some((_, Err(failure))) => Some(Resolved::Failed(failure)),
+                None => Some(Resolved::Skipped {
+                    needs_pull_secret: self.cache.needs_pull_secret(image),
+                }),
+            }
+        };
+        let options = Options {
+            failure_mode: self.settings.failure_mode,
+            pin_function_image: self.settings.pin_function_image,
+            pull_secret: Some(PullSecret {
+                name: &self.settings.pull_secret,
+                exists: self.mirror.as_ref().is_none_or(|m| m.secret_exists()),
+            }),
+        };
+        let mutation = match mutate::plan(pod, &lookup, &options) {
+            Ok(m) => m,
+            Err(denial) => {
+                info!(uid, reason = %denial, "function pod denied");
+                return ReviewResponse::deny(uid, denial.code(), denial.to_string());
+            }
+        };
+        if let Some(metrics) = &self.metrics {
+            for unpinned in mutation.unpinned.values() {
+                metrics.admission_unpinned(unpinned.kind.as_str());
+            }
+            for _ in 0..mutation.entrypoints_replaced {
+                metrics.admission_entrypoint_replaced();
+            }
+        }
+        for (container, unpinned) in &mutation.unpinned {
+            warn!(uid, container, image = %unpinned.image, reason = %unpinned.reason, "container admitted unpinned (failure mode open)");
+        }
+        if mutation.entrypoints_replaced > 0 {
+            warn!(
                 uid,
-                503,
-                format!(
-                    "the pod needs pull secret {:?}, which is not in namespace {} yet: {}",
-                    self.settings.pull_secret,
-                    self.settings.namespace,
-                    mirror
-                        .last_error()
-                        .unwrap_or_else(|| "the secret mirror has not synced yet".into())
-                ),
+                "function entrypoint replaced: it did not match the pinned image"
             );
         }
-        let lookup = |image: &str| resolved.get(image).and_then(Cached::answer);
-        let mutation = match mutate::plan(pod, &lookup, Some(&self.settings.pull_secret)) {
-            Ok(m) => m,
-            Err(e) => return ReviewResponse::deny(uid, 400, e.to_string()),
+        warnings.extend(mutation.warnings);
+        let outcome = if !mutation.unpinned.is_empty() {
+            "failed-open"
+        } else if mutation.operations.is_empty() {
+            "unchanged"
+        } else {
+            "patched"
         };
         if mutation.operations.is_empty() {
-            return ReviewResponse::allow(uid, warnings, "unchanged");
+            return ReviewResponse::allow(uid, warnings, outcome);
         }
         let patch = match serde_json::to_vec(&mutation.operations) {
             Ok(p) => p,
-            Err(e) => return self.transient(uid, format!("cannot serialize the patch: {e}")),
+            // Cannot happen (strings and arrays only); never block a pod on it.
+            Err(e) => {
+                warn!(uid, error = %e, "cannot serialize the patch; admitting the pod unchanged");
+                return ReviewResponse::allow(uid, warnings, "failed-open");
+            }
         };
-        info!(
+        debug!(
             pinned = mutation.pinned.len(),
             pull_secret_added = mutation.pull_secret_added,
             "function pod mutated"
         );
-        let mut response = ReviewResponse::allow(uid, warnings, "patched");
+        let mut response = ReviewResponse::allow(uid, warnings, outcome);
         response.response.patch = Some(BASE64.encode(patch));
         response.response.patch_type = Some("JSONPatch");
         response
-    }
-
-    /// The registry could not give an answer in time: admit unchanged with a
-    /// warning, or deny, per `--failure-mode`.
-    fn transient(&self, uid: &str, reason: String) -> ReviewResponse {
-        match self.settings.failure_mode {
-            FailureMode::Open => {
-                warn!(
-                    uid,
-                    reason, "admitting the pod unchanged (failure mode open)"
-                );
-                ReviewResponse::allow(
-                    uid,
-                    vec![format!(
-                        "fn-image-resolver could not pin this pod's images and admitted it unchanged: {reason}"
-                    )],
-                    "failed-open",
-                )
-            }
-            FailureMode::Closed => {
-                ReviewResponse::deny(uid, 503, format!("cannot pin the pod's images: {reason}"))
-            }
-        }
-    }
-}
-
-fn deny_code(error: &ResolveError) -> u16 {
-    match error.kind() {
-        crate::registry::ErrorKind::InvalidReference => 400,
-        crate::registry::ErrorKind::NotFound | crate::registry::ErrorKind::PlatformNotFound => 404,
-        _ => 403,
     }
 }
 

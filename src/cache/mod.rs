@@ -1,9 +1,9 @@
 //! The one resolver cache behind the webhook, the HTTP endpoint and the CLI.
 //!
-//! One quick_cache map: a hash of the image as written and the platform →
-//! what the registry said, with the parse of the image and the credential
-//! identity it was fetched with, packed in one allocation ([`entry`]); the
-//! entry is checked against the image, so a collision of hashes costs a
+//! One quick_cache map: a hash of what was asked (the image as written, how a
+//! bare name reads, the platform) → what the registry said, with the parse of
+//! the image and the credential identity it was fetched with ([`entry`]); the
+//! entry is checked against the request, so a collision of hashes costs a
 //! fetch, never a wrong answer. quick_cache rather than moka because an
 //! entry costs about 40 bytes of bookkeeping there against about 300 in moka
 //! (measured, see BENCHMARKS.md), and a hit is one read-locked probe. What
@@ -28,14 +28,14 @@ mod entry;
 use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quick_cache::sync::{EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use self::entry::Entry;
+use self::entry::{Entry, Wanted};
 use crate::metrics::Metrics;
 use crate::registry::{
     CredentialId, ImageAnswer, KeyedCredential, Platform, RegistryError, Resolution, ResolveError,
@@ -88,18 +88,6 @@ impl CacheStatus {
             Self::Miss => "miss",
         }
     }
-}
-
-/// What a request asks for: the image exactly as the caller wrote it, so
-/// that looking it up needs no parse (the reference grammar is a
-/// backtracking regex, about a third of a webhook review's instructions when
-/// it ran on every hit), and the platform, `None` for the default (nearly
-/// every request). Two spellings of one image are two entries, each fetched
-/// once.
-#[derive(Clone, Copy, Hash)]
-struct Wanted<'a> {
-    image: &'a str,
-    platform: Option<&'a Platform>,
 }
 
 /// A resolved image for the webhook: the cache entry itself, so a hit
@@ -208,27 +196,34 @@ impl CachedResolver {
         self.keys.hash_one(wanted)
     }
 
-    /// `platform`, or `None` when it is the default.
-    fn wanted<'a>(&self, image: &'a str, platform: Option<&'a Platform>) -> Wanted<'a> {
+    /// A request for `image` named in a pod (`catalog` false) or given to
+    /// `resolve`/`/v1/resolve` (true); `platform` `None` when it is the default.
+    fn wanted<'a>(
+        &self,
+        image: &'a str,
+        catalog: bool,
+        platform: Option<&'a Platform>,
+    ) -> Wanted<'a> {
         Wanted {
             image,
+            // Only a name without `/` reads differently in the two ways.
+            catalog: catalog && !image.contains('/'),
             platform: platform.filter(|p| *p != self.resolver.default_platform()),
         }
     }
 
-    /// What `entry` gives a request that started at `started` (on
-    /// [`entry::now`]'s clock). Counts the lookup and starts a revalidation
-    /// when it serves a stale tag.
-    fn verdict(&self, wanted: Wanted<'_>, key: u64, entry: &Entry, started: u64) -> Verdict {
-        if !entry.is_for(wanted.image, wanted.platform) {
-            // Another image with the same key: this one replaces it.
+    /// What `entry` gives a request that started at `started`. Counts the
+    /// lookup and starts a revalidation when it serves a stale tag.
+    fn verdict(&self, wanted: Wanted<'_>, key: u64, entry: &Entry, started: Instant) -> Verdict {
+        if !entry.is_for(wanted) {
+            // Another request with the same key: this one replaces it.
             return Verdict::Refetch;
         }
-        let credential = self.resolver.credential_for(&entry.reference());
+        let credential = self.resolver.credential_for(entry.reference());
         if credential.as_ref().map(|c| c.id) != entry.credential() {
             return Verdict::Refetch;
         }
-        let age = entry.age(entry::now());
+        let age = entry.age();
         // Fetched after this request began: it is the fetch this request
         // waited for (already counted as its miss).
         let awaited = started < entry.fetched_at();
@@ -264,24 +259,21 @@ impl CachedResolver {
         }
     }
 
-    /// The answer for `image` if the cache can give it without waiting for
-    /// the registry (fresh or stale-but-servable, or a remembered failure);
-    /// `None` when [`Self::resolve_for_pod`] is needed (to fetch, or to
-    /// report an invalid image). Lets the webhook answer cache hits on its
-    /// own task instead of spawning one per image.
+    /// The answer for pod image `image` if the cache can give it without
+    /// waiting for the registry (fresh or stale-but-servable, or a remembered
+    /// failure); `None` when [`Self::resolve_for_pod`] is needed (to fetch,
+    /// or to report an invalid image). Lets the webhook answer cache hits on
+    /// its own task instead of spawning one per image.
     pub fn resolve_cached(
         &self,
         image: &str,
     ) -> Option<Result<(Cached, CacheStatus), ResolveError>> {
-        let wanted = Wanted {
-            image,
-            platform: None,
-        };
+        let wanted = self.wanted(image, false, None);
         let key = self.key(wanted);
         // A miss, or an invalid image: `resolve_for_pod` fetches or says why
         // not (parsing here too would cost a second parse on every miss).
         let entry = self.answers.get(&key)?;
-        match self.verdict(wanted, key, &entry, entry::now()) {
+        match self.verdict(wanted, key, &entry, Instant::now()) {
             Verdict::Serve(status, credential) => {
                 Some(Ok((self.cached(entry, credential), status)))
             }
@@ -293,13 +285,24 @@ impl CachedResolver {
         }
     }
 
-    /// Resolves `image` for a pod (default platform), fetching on a miss.
+    /// Resolves image `image` named in a pod (read as the kubelet reads it:
+    /// no host means Docker Hub), for the default platform, fetching on a miss.
     pub async fn resolve_for_pod(
         &self,
         image: &str,
     ) -> Result<(Cached, CacheStatus), ResolveError> {
-        let (entry, status, credential) = self.lookup(self.wanted(image, None)).await?;
+        let (entry, status, credential) = self.lookup(self.wanted(image, false, None)).await?;
         Ok((self.cached(entry, credential), status))
+    }
+
+    /// Does a pod with `image` need the pull secret (its registry has
+    /// credentials in the Docker config)? No registry is asked.
+    pub fn needs_pull_secret(&self, image: &str) -> bool {
+        self.resolver
+            .parse_pod_image(image)
+            .ok()
+            .and_then(|reference| self.resolver.credential_for(&reference))
+            .is_some()
     }
 
     fn cached(&self, entry: Entry, credential: Option<Arc<KeyedCredential>>) -> Cached {
@@ -309,13 +312,14 @@ impl CachedResolver {
         }
     }
 
-    /// Resolves `image` through the cache.
+    /// Resolves `image` as `resolve` and `/v1/resolve` name it (a bare name
+    /// is a catalog function) through the cache.
     pub async fn resolve(
         &self,
         image: &str,
         platform: Option<&Platform>,
     ) -> Result<(Resolution, CacheStatus), ResolveError> {
-        let (entry, status, credential) = self.lookup(self.wanted(image, platform)).await?;
+        let (entry, status, credential) = self.lookup(self.wanted(image, true, platform)).await?;
         let pull_secret = self.resolver.pull_secret_for(credential.as_ref());
         let platform = platform.unwrap_or(self.resolver.default_platform());
         match entry.outcome(pull_secret.is_some()) {
@@ -337,7 +341,7 @@ impl CachedResolver {
         &self,
         wanted: Wanted<'_>,
     ) -> Result<(Entry, CacheStatus, Option<Arc<KeyedCredential>>), ResolveError> {
-        let started = entry::now();
+        let started = Instant::now();
         let key = self.key(wanted);
         let fail = |source| ResolveError::Registry {
             image: wanted.image.to_string(),
@@ -377,7 +381,11 @@ impl CachedResolver {
         // An invalid image is not remembered: it must not take the room of
         // valid ones, and its error is cheap to find again. Dropping the
         // guard hands the placeholder to the next waiter.
-        let reference = self.resolver.parse(wanted.image)?;
+        let reference = if wanted.catalog {
+            self.resolver.parse(wanted.image)?
+        } else {
+            self.resolver.parse_pod_image(wanted.image)?
+        };
         let credential = self.resolver.credential_for(&reference);
         let platform = wanted.platform.unwrap_or(self.resolver.default_platform());
         let outcome = self
@@ -389,9 +397,8 @@ impl CachedResolver {
             )
             .await;
         let entry = Entry::new(
-            wanted.image,
-            wanted.platform,
-            &reference,
+            wanted,
+            reference,
             credential.as_ref().map(|c| c.id),
             outcome,
         );
@@ -405,7 +412,9 @@ impl CachedResolver {
 
     /// Checks a stale tag with a HEAD: same digest keeps the answer (no config
     /// fetch), a new digest fetches the new config, a failing registry keeps
-    /// serving the old answer until `max_stale`. One revalidation per entry.
+    /// serving the old answer until `max_stale`. One revalidation per entry,
+    /// and it replaces only the entry it revalidated: one that a request or
+    /// a credential change put there meanwhile is newer and stays.
     fn revalidate_in_background(
         &self,
         key: u64,
@@ -424,46 +433,70 @@ impl CachedResolver {
             let Some(old) = entry.answer(false) else {
                 return;
             };
-            let reference = old.reference.to_owned();
-            let platform = entry.platform().unwrap_or(this.resolver.default_platform());
+            let reference = entry.reference();
+            let platform = entry
+                .wanted()
+                .platform
+                .unwrap_or(this.resolver.default_platform());
             let login = credential.as_deref().map(|c| &c.credential);
             let id = credential.as_ref().map(|c| c.id);
-            let renewed = match this.resolver.current_digest(&reference, login).await {
-                Ok(Some(digest)) if old.digest.is(&digest) => {
+            let renewed = match this.resolver.current_digest(reference, login).await {
+                Ok(Some(digest)) if old.digest().is(&digest) => {
                     debug!(image = %reference, "tag unchanged");
                     Ok(entry.renewed())
                 }
                 Ok(_) => this
                     .resolver
-                    .fetch(&reference, platform, login)
+                    .fetch(reference, platform, login)
                     .await
                     .map(|info| {
-                        if info.digest.borrowed() != old.digest {
-                            info!(image = %reference, old = %old.digest, new = %info.digest, "tag moved");
+                        if info.digest != *old.digest() {
+                            info!(image = %reference, old = %old.digest(), new = %info.digest, "tag moved");
                         }
-                        Entry::new(entry.written(), entry.platform(), &reference, id, Ok(info))
+                        entry.with_outcome(id, Ok(info))
                     }),
                 Err(e) => Err(e),
             };
-            match renewed {
+            let replaced = match renewed {
                 Ok(renewed) => {
                     this.metrics.cache_revalidation("refreshed");
-                    this.answers.insert(key, renewed);
+                    this.replace(key, &entry, renewed)
                 }
                 Err(e) if e.kind().is_definitive() => {
                     warn!(image = %reference, error = %e, "cached tag is no longer resolvable");
                     this.metrics.cache_revalidation("gone");
-                    let gone =
-                        Entry::new(entry.written(), entry.platform(), &reference, id, Err(e));
-                    this.answers.insert(key, gone);
+                    this.replace(key, &entry, entry.with_outcome(id, Err(e)))
                 }
                 Err(e) => {
-                    let age_secs = entry.age(entry::now()).as_secs();
+                    let age_secs = entry.age().as_secs();
                     warn!(image = %reference, error = %e, age_secs, "registry failing; serving the cached answer");
                     this.metrics.cache_revalidation("failed");
+                    true
                 }
+            };
+            if !replaced {
+                debug!(image = %reference, "a newer entry arrived during the revalidation; it stays");
             }
         });
+    }
+
+    /// Puts `new` in place of `old` if `old` is still the entry under `key`
+    /// (compare and replace); says whether it did.
+    fn replace(&self, key: u64, old: &Entry, new: Entry) -> bool {
+        // No waiting on a fetch in progress (a zero timeout): a fetch under
+        // way will put a newer entry there anyway.
+        let result = self
+            .answers
+            .entry(&key, Some(Duration::ZERO), |_, current| {
+                if current.same(old) {
+                    *current = new;
+                    EntryAction::Retain(true)
+                } else {
+                    EntryAction::Retain(false)
+                }
+            });
+        // Vacant (evicted meanwhile): dropping the guard leaves it empty.
+        matches!(result, EntryResult::Retained(true))
     }
 
     /// Drops answers fetched with credentials that are no longer configured.

@@ -262,9 +262,8 @@ pub fn parse_config(body: &[u8]) -> Result<ImageConfig, ManifestError> {
     })
 }
 
-/// A content digest as a cache entry keeps it: sha256, nearly every digest
-/// there is, as its 32 bytes (40 bytes in all, against 104 for the text in a
-/// `String`); any other algorithm, or upper-case hex, as written.
+/// A content digest: sha256, nearly every digest there is, as its 32
+/// bytes; any other algorithm, or upper-case hex, as written.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Digest {
     Sha256([u8; 32]),
@@ -288,50 +287,17 @@ impl Digest {
 
     /// Is this the digest `text` names? (Hex is case-insensitive.)
     pub fn is(&self, text: &str) -> bool {
-        self.borrowed().is(text)
-    }
-
-    pub fn borrowed(&self) -> DigestRef<'_> {
-        match self {
-            Self::Sha256(bytes) => DigestRef::Sha256(bytes),
-            Self::Other(text) => DigestRef::Other(text),
-        }
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.borrowed(), f)
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// A borrowed [`Digest`], as a cache entry hands it out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum DigestRef<'a> {
-    Sha256(&'a [u8; 32]),
-    Other(&'a str),
-}
-
-impl DigestRef<'_> {
-    /// Is this the digest `text` names? (Hex is case-insensitive.)
-    pub fn is(&self, text: &str) -> bool {
         match self {
             Self::Sha256(bytes) => text.strip_prefix("sha256:").is_some_and(|hex| {
                 let mut other = [0u8; 32];
-                hex::decode_to_slice(hex, &mut other).is_ok() && &other == *bytes
+                hex::decode_to_slice(hex, &mut other).is_ok() && &other == bytes
             }),
             Self::Other(own) => own.eq_ignore_ascii_case(text),
         }
     }
 }
 
-impl fmt::Display for DigestRef<'_> {
+impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sha256(bytes) => {
@@ -346,7 +312,7 @@ impl fmt::Display for DigestRef<'_> {
     }
 }
 
-impl fmt::Debug for DigestRef<'_> {
+impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential};
 use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
 pub use self::error::{ErrorKind, RegistryError, ResolveError};
-pub use self::manifest::{Digest, DigestRef, Platform, PlatformError};
+pub use self::manifest::{Digest, Platform, PlatformError};
 use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};
 pub use self::reference::ImageRef;
 use self::tls::TlsError;
@@ -58,8 +58,8 @@ pub enum SetupError {
     Http(#[from] reqwest::Error),
 }
 
-/// What the registry said about one image (credential-free). The cache
-/// packs it into its entry; this is the form a fetch returns.
+/// What the registry said about one image (credential-free): what a fetch
+/// returns and a cache entry keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     /// Digest to pin: the index digest for multi-platform images.
@@ -72,94 +72,57 @@ pub struct ImageInfo {
     pub platform: Option<Platform>,
 }
 
-impl ImageInfo {
-    /// This answer for `reference`, borrowed.
-    pub fn answer<'a>(
-        &'a self,
-        reference: ImageRef<&'a str>,
-        needs_pull_secret: bool,
-    ) -> ImageAnswer<'a> {
-        ImageAnswer {
-            reference,
-            digest: self.digest.borrowed(),
-            config_entrypoint: Args::List(&self.config_entrypoint),
-            cmd: Args::List(&self.cmd),
-            platform: self.platform.as_ref(),
-            needs_pull_secret,
-        }
-    }
-}
-
-/// Program arguments (an entrypoint or a cmd), borrowed from an
-/// [`ImageInfo`] or from the string a cache entry packs them in.
-#[derive(Debug, Clone, Copy)]
-pub enum Args<'a> {
-    List(&'a [String]),
-    /// Every argument followed by a NUL, which no argument can hold: exec
-    /// takes C strings, and the resolver refuses a config with one.
-    Packed(&'a str),
-}
-
-impl<'a> Args<'a> {
-    pub fn is_empty(&self) -> bool {
-        match self {
-            Self::List(list) => list.is_empty(),
-            Self::Packed(packed) => packed.is_empty(),
-        }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &'a str> + use<'a> {
-        let (list, packed) = match *self {
-            Self::List(list) => (list, ""),
-            Self::Packed(packed) => (&[][..], packed),
-        };
-        list.iter()
-            .map(String::as_str)
-            .chain(packed.split_terminator('\0'))
-    }
-
-    pub fn to_vec(&self) -> Vec<String> {
-        self.iter().map(str::to_string).collect()
-    }
-}
-
-impl Serialize for Args<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
-    }
-}
-
 /// One resolved image as a pod's patch or an endpoint answer needs it,
-/// borrowed: from a fetch's [`ImageInfo`], or from a cache entry, so that a
-/// cache hit copies nothing.
+/// borrowed from a cache entry (or a fetch), so a cache hit copies nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageAnswer<'a> {
-    pub reference: ImageRef<&'a str>,
-    /// Digest to pin: the index digest for multi-platform images.
-    pub digest: DigestRef<'a>,
-    /// `Config.Entrypoint` as in the image.
-    pub config_entrypoint: Args<'a>,
-    /// `Config.Cmd` as in the image.
-    pub cmd: Args<'a>,
-    /// Platform of the config that was read, when it is not the one asked for.
-    pub platform: Option<&'a Platform>,
+    pub reference: &'a ImageRef,
+    pub info: &'a ImageInfo,
     /// Pods need the mirrored pull secret for this image.
     pub needs_pull_secret: bool,
 }
 
 impl<'a> ImageAnswer<'a> {
+    pub fn new(reference: &'a ImageRef, info: &'a ImageInfo, needs_pull_secret: bool) -> Self {
+        Self {
+            reference,
+            info,
+            needs_pull_secret,
+        }
+    }
+
+    /// Digest to pin: the index digest for multi-platform images.
+    pub fn digest(&self) -> &'a Digest {
+        &self.info.digest
+    }
+
     /// The reference pinned to the digest (tag kept).
     pub fn pinned(&self) -> String {
-        self.reference.pinned(self.digest)
+        self.reference.pinned(&self.info.digest)
     }
 
     /// The seed's entrypoint: `Config.Entrypoint`, else `Config.Cmd`.
-    pub fn entrypoint(&self) -> Args<'a> {
-        if self.config_entrypoint.is_empty() {
-            self.cmd
+    pub fn entrypoint(&self) -> &'a [String] {
+        if self.info.config_entrypoint.is_empty() {
+            &self.info.cmd
         } else {
-            self.config_entrypoint
+            &self.info.config_entrypoint
         }
+    }
+
+    /// `Config.Entrypoint` as in the image.
+    pub fn config_entrypoint(&self) -> &'a [String] {
+        &self.info.config_entrypoint
+    }
+
+    /// `Config.Cmd` as in the image.
+    pub fn cmd(&self) -> &'a [String] {
+        &self.info.cmd
+    }
+
+    /// Platform of the config that was read, when it is not the one asked for.
+    pub fn platform(&self) -> Option<&'a Platform> {
+        self.info.platform.as_ref()
     }
 }
 
@@ -193,16 +156,16 @@ impl Resolution {
         platform: &Platform,
         pull_secret: Option<&str>,
     ) -> Self {
-        let digest = answer.digest.to_string();
+        let digest = answer.digest().to_string();
         Self {
             image: image.to_string(),
             reference: answer.reference.to_string(),
             pinned: answer.reference.pinned(&digest),
             digest,
             entrypoint: answer.entrypoint().to_vec(),
-            cmd: answer.cmd.to_vec(),
-            config_entrypoint: answer.config_entrypoint.to_vec(),
-            platform: answer.platform.unwrap_or(platform).to_string(),
+            cmd: answer.cmd().to_vec(),
+            config_entrypoint: answer.config_entrypoint().to_vec(),
+            platform: answer.platform().unwrap_or(platform).to_string(),
             registry: answer.reference.registry().to_string(),
             pull_secret: pull_secret.map(str::to_string),
         }
@@ -352,8 +315,21 @@ impl Resolver {
         &self.platform
     }
 
+    /// Parses `image` as `resolve` and `/v1/resolve` take it: a bare name
+    /// (`set-namespace:v0.4`) is a catalog function and gets the default
+    /// prefix, as the function runner does.
     pub fn parse(&self, image: &str) -> Result<ImageRef, ResolveError> {
-        ImageRef::parse(image, &self.default_prefix).map_err(|e| ResolveError::InvalidReference {
+        Self::parse_with(image, &self.default_prefix)
+    }
+
+    /// Parses `image` as a pod names it, the kubelet's way: no registry host
+    /// means Docker Hub (`busybox` is `docker.io/library/busybox:latest`).
+    pub fn parse_pod_image(&self, image: &str) -> Result<ImageRef, ResolveError> {
+        Self::parse_with(image, "")
+    }
+
+    fn parse_with(image: &str, prefix: &str) -> Result<ImageRef, ResolveError> {
+        ImageRef::parse(image, prefix).map_err(|e| ResolveError::InvalidReference {
             image: image.to_string(),
             reason: e.reason,
         })
@@ -361,7 +337,7 @@ impl Resolver {
 
     /// Is the image from the default function catalog? Seed: those always use
     /// default (anonymous) access and need no pull secret.
-    pub fn is_default_catalog<S: AsRef<str>>(&self, reference: &ImageRef<S>) -> bool {
+    pub fn is_default_catalog(&self, reference: &ImageRef) -> bool {
         // `default_prefix` ends in '/': the name is the prefix's repository
         // or below it. No allocation: this runs on every cache hit.
         let prefix = self.default_prefix.trim_end_matches('/');
@@ -372,10 +348,7 @@ impl Resolver {
     }
 
     /// The credential to use for `reference`, per the seed's decision tree.
-    pub fn credential_for<S: AsRef<str>>(
-        &self,
-        reference: &ImageRef<S>,
-    ) -> Option<Arc<KeyedCredential>> {
+    pub fn credential_for(&self, reference: &ImageRef) -> Option<Arc<KeyedCredential>> {
         if !self.private_registries || self.is_default_catalog(reference) {
             return None;
         }
@@ -411,7 +384,7 @@ impl Resolver {
                 source,
             })?;
         let pull_secret = self.pull_secret_for(credential.as_ref());
-        let answer = info.answer(reference.borrowed(), pull_secret.is_some());
+        let answer = ImageAnswer::new(&reference, &info, pull_secret.is_some());
         Ok(Resolution::new(image, &answer, platform, pull_secret))
     }
 

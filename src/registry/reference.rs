@@ -22,12 +22,10 @@ const MAX_REFERENCE_LEN: usize = 1024;
 const MAX_HOST_LEN: usize = 253;
 
 /// A parsed, normalized image reference, `registry/repository[:tag][@digest]`,
-/// in one string with the ends of its parts. `S` holds the text: owned
-/// (`Box<str>`) or borrowed (`&str`, a view of the text packed into a cache
-/// entry, which keeps only the string and the three ends).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ImageRef<S = Box<str>> {
-    text: S,
+/// in one string with the ends of its parts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    text: Box<str>,
     /// Where the registry, the repository and the tag end in `text` (the
     /// tag's end is the repository's when there is no tag).
     registry_end: u16,
@@ -160,54 +158,11 @@ impl ImageRef {
             text: text.into(),
         })
     }
-
-    /// This reference borrowed, as a cache entry hands it out.
-    pub fn borrowed(&self) -> ImageRef<&str> {
-        ImageRef {
-            text: &self.text,
-            registry_end: self.registry_end,
-            repository_end: self.repository_end,
-            tag_end: self.tag_end,
-        }
-    }
-
-    /// The text and the ends of its parts, for packing into a cache entry
-    /// ([`ImageRef::from_parts`] takes them back).
-    pub fn parts(&self) -> (&str, [u16; 3]) {
-        (
-            &self.text,
-            [self.registry_end, self.repository_end, self.tag_end],
-        )
-    }
 }
 
-impl<'a> ImageRef<&'a str> {
-    /// The view of a reference packed with [`ImageRef::parts`]: `text` and
-    /// `ends` must come from there (the cache keeps both as they were
-    /// given), else the accessors may panic on a slice out of bounds.
-    pub fn from_parts(text: &'a str, [registry_end, repository_end, tag_end]: [u16; 3]) -> Self {
-        Self {
-            text,
-            registry_end,
-            repository_end,
-            tag_end,
-        }
-    }
-
-    /// An owned copy (one allocation), for a background fetch.
-    pub fn to_owned(&self) -> ImageRef {
-        ImageRef {
-            text: self.text.into(),
-            registry_end: self.registry_end,
-            repository_end: self.repository_end,
-            tag_end: self.tag_end,
-        }
-    }
-}
-
-impl<S: AsRef<str>> ImageRef<S> {
+impl ImageRef {
     fn text(&self) -> &str {
-        self.text.as_ref()
+        &self.text
     }
 
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
@@ -253,7 +208,7 @@ impl<S: AsRef<str>> ImageRef<S> {
     }
 }
 
-impl<S: AsRef<str>> fmt::Display for ImageRef<S> {
+impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.text())
     }
@@ -306,6 +261,30 @@ mod tests {
     }
 
     #[test]
+    fn without_a_prefix_a_bare_name_is_docker_hubs_as_the_kubelet_reads_it() {
+        for (image, want) in [
+            ("busybox", "docker.io/library/busybox:latest"),
+            ("set-namespace:v0.4", "docker.io/library/set-namespace:v0.4"),
+            (
+                "nephio/porch-wrapper-server:v4",
+                "docker.io/nephio/porch-wrapper-server:v4",
+            ),
+            (
+                "gcr.io/kpt-fn/set-namespace:v0.4.1",
+                "gcr.io/kpt-fn/set-namespace:v0.4.1",
+            ),
+        ] {
+            let r = ImageRef::parse(image, "").expect("valid");
+            assert_eq!(r.to_string(), want, "{image}");
+        }
+        // With the catalog's prefix only the bare name changes.
+        assert_eq!(
+            parse("nephio/porch-wrapper-server:v4").to_string(),
+            "docker.io/nephio/porch-wrapper-server:v4"
+        );
+    }
+
+    #[test]
     fn prefix_without_trailing_slash_also_works() {
         let r = ImageRef::parse("fn:v1", "example.com/fns").expect("valid");
         assert_eq!(r.to_string(), "example.com/fns/fn:v1");
@@ -341,28 +320,6 @@ mod tests {
         assert_eq!(r.registry(), "localhost");
         let r = parse("MyRegistry.Example.com:8443/a/b:c");
         assert_eq!(r.registry(), "myregistry.example.com:8443");
-    }
-
-    #[test]
-    fn packs_into_parts_and_back() {
-        let d = format!("sha256:{}", "b".repeat(64));
-        for image in [
-            "gcr.io/kpt-fn/set-labels:v0.2.0".to_string(),
-            "busybox".to_string(),
-            format!("ghcr.io/a/b@{d}"),
-            format!("127.0.0.1:5000/a/b:v1@{d}"),
-        ] {
-            let owned = parse(&image);
-            let (text, ends) = owned.parts();
-            let view = ImageRef::from_parts(text, ends);
-            assert_eq!(view, owned.borrowed());
-            assert_eq!(view.to_string(), owned.to_string());
-            assert_eq!(view.registry(), owned.registry());
-            assert_eq!(view.repository(), owned.repository());
-            assert_eq!(view.tag(), owned.tag());
-            assert_eq!(view.digest(), owned.digest());
-            assert_eq!(view.to_owned(), owned);
-        }
     }
 
     #[test]

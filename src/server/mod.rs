@@ -30,9 +30,23 @@ pub use api::{ApiError, error_json, status_of};
 #[derive(Debug, Default)]
 pub struct Readiness {
     checks: Mutex<BTreeMap<&'static str, Result<(), String>>>,
+    /// Shutting down: every answer says `Connection: close`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Readiness {
+    /// SIGTERM: not ready from now on, and clients are told to re-dial
+    /// (another replica) after their current request.
+    pub fn begin_shutdown(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.set("shutdown", Err("shutting down".into()));
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn set(&self, check: &'static str, state: Result<(), String>) {
         self.checks
             .lock()
@@ -196,10 +210,18 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
     // A guard, so a request dropped mid-way (client gone, timeout) is
     // still counted out.
     let _in_flight = state.metrics.request_started();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     state
         .metrics
         .http_request(&route, response.status().as_str(), started.elapsed());
+    if state.readiness.is_draining() {
+        // hyper closes the connection after this answer: a client holding a
+        // keep-alive connection re-dials, and reaches a replica that stays.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     response
 }
 
@@ -259,6 +281,10 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
     /// After shutdown, how long in-flight requests may still take.
     pub drain: Duration,
+    /// After SIGTERM and before the listeners stop accepting: how long they
+    /// keep serving (not ready, `Connection: close`) while the endpoints
+    /// drop this pod.
+    pub delay: Duration,
 }
 
 impl Default for HttpLimits {
@@ -267,6 +293,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             drain: Duration::from_secs(20),
+            delay: Duration::from_secs(5),
         }
     }
 }
@@ -400,11 +427,14 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
         cache.clone(),
         crate::admission::AdmissionSettings {
             namespace: args.registry.pod_namespace.clone(),
+            function_label: args.registration.function_pod_label.clone(),
             pull_secret: args.registry.registry_auth_secret_name.clone(),
             failure_mode: args.webhook.failure_mode,
+            pin_function_image: args.webhook.pin_function_image,
             default_timeout: args.webhook.admission_timeout,
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let mirror = (settings.private_registries && args.webhook.mirror_secret).then(|| {
         let status = Arc::new(crate::secrets::MirrorStatus::default());
         admitter = admitter.clone().with_mirror(status.clone());
@@ -507,6 +537,7 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    let readiness = state.readiness.clone();
     let server = tokio::spawn(serve_loopback(
         args.server.resolver_listen,
         router(state),
@@ -515,7 +546,22 @@ pub async fn run(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
     ));
     tokio::pin!(server);
     tokio::select! {
-        () = shutdown_signal() => info!("shutting down: draining in-flight requests"),
+        () = shutdown_signal() => {
+            // Not ready at once, so the endpoints drop this pod; meanwhile
+            // both listeners go on serving, closing each connection after
+            // its answer so clients re-dial a replica that stays.
+            readiness.begin_shutdown();
+            info!(
+                delay_ms = limits.delay.as_millis() as u64,
+                drain_ms = limits.drain.as_millis() as u64,
+                "shutdown signal received: /readyz answers 503; serving on until the delay ends, then draining"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(limits.delay) => {}
+                () = shutdown.cancelled() => {}
+            }
+            info!("shutting down: no new connections; draining in-flight requests");
+        }
         () = shutdown.cancelled() => warn!("shutting down after a listener failed"),
         result = &mut server => {
             shutdown.cancel();

@@ -131,7 +131,6 @@ impl ControlPlane {
                 ),
                 "--authorization-mode=RBAC".into(),
                 format!("--token-auth-file={}", d.join("tokens.csv").display()),
-                "--disable-admission-plugins=ServiceAccount".into(),
                 "--enable-priority-and-fairness=false".into(),
                 "--v=0".into(),
             ],
@@ -230,14 +229,25 @@ impl ControlPlane {
         client_from(&self.kubeconfig(token, name)).await
     }
 
+    /// Creates namespace `name` with its `default` ServiceAccount, which the
+    /// ServiceAccount admission plugin needs for every pod (in a real
+    /// cluster the controller-manager makes it; none runs here).
     pub async fn create_namespace(&self, name: &str) {
-        use k8s_openapi::api::core::v1::Namespace;
-        let api: kube::Api<Namespace> = kube::Api::all(self.admin().await);
+        use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+        let admin = self.admin().await;
+        let api: kube::Api<Namespace> = kube::Api::all(admin.clone());
         let mut ns = Namespace::default();
         ns.metadata.name = Some(name.to_string());
         api.create(&Default::default(), &ns)
             .await
             .expect("create namespace");
+        let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(admin, name);
+        let mut sa = ServiceAccount::default();
+        sa.metadata.name = Some("default".into());
+        accounts
+            .create(&Default::default(), &sa)
+            .await
+            .expect("create the default ServiceAccount");
     }
 
     pub async fn admin(&self) -> kube::Client {

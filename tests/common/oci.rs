@@ -287,6 +287,9 @@ pub struct Samples {
     pub neither: Image,
     /// `fns/multi-arch:v1`: OCI index, amd64 and arm64 with different entrypoints.
     pub multi: Index,
+    /// `nephio/porch-wrapper-server:v4`: the image of a Porch function pod's
+    /// init container `copy-wrapper-server`.
+    pub wrapper: Image,
 }
 
 pub fn samples() -> Samples {
@@ -325,6 +328,13 @@ pub fn samples() -> Samples {
             ],
             false,
         ),
+        wrapper: image(
+            "porch-wrapper-server",
+            Some(&["/home/nonroot/wrapper-server/wrapper-server"]),
+            None,
+            "linux/amd64",
+            false,
+        ),
     }
 }
 
@@ -336,5 +346,8 @@ impl Samples {
         pusher.image("fns/cmd-only", "v1", &self.cmd_only).await;
         pusher.image("fns/no-entrypoint", "v1", &self.neither).await;
         pusher.index("fns/multi-arch", "v1", &self.multi).await;
+        pusher
+            .image("nephio/porch-wrapper-server", "v4", &self.wrapper)
+            .await;
     }
 }

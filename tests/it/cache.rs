@@ -456,11 +456,11 @@ async fn the_no_wait_path_agrees_with_the_full_one_and_follows_a_moved_tag() {
     assert_eq!(status, CacheStatus::Hit);
     let answer = first.answer().expect("an answer");
     assert_eq!(answer.pinned(), full.pinned);
-    assert_eq!(answer.digest.to_string(), full.digest);
+    assert_eq!(answer.digest().to_string(), full.digest);
     assert_eq!(answer.reference.to_string(), full.reference);
     assert_eq!(answer.entrypoint().to_vec(), full.entrypoint);
     assert_eq!(first.needs_pull_secret(), full.pull_secret.is_some());
-    let digest = |c: &Cached| c.answer().expect("an answer").digest.to_string();
+    let digest = |c: &Cached| c.answer().expect("an answer").digest().to_string();
 
     let moved = move_set_namespace(&env, "set-namespace v3", "/moved").await;
     tokio::time::sleep(Duration::from_millis(900)).await;

@@ -150,6 +150,47 @@ fn the_static_webhook_manifest_is_what_register_builds() {
     let stat: Value =
         serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");
     assert_eq!(stat, built);
+    assert_eq!(
+        built["webhooks"][0]["objectSelector"],
+        serde_json::json!({"matchExpressions": [{"key": "fn.kpt.dev/image", "operator": "Exists"}]})
+    );
+
+    // The cert-manager variant is the same webhook, plus the CA injection.
+    let variant = Command::new("kubectl")
+        .args([
+            "kustomize",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/webhook-config/cert-manager"),
+        ])
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        variant.status.success(),
+        "{}",
+        String::from_utf8_lossy(&variant.stderr)
+    );
+    let docs = String::from_utf8_lossy(&variant.stdout);
+    let webhook: Value = docs
+        .split("\n---\n")
+        .map(|doc| serde_saphyr::from_str::<Value>(doc).expect("YAML"))
+        .find(|doc| doc["kind"] == "MutatingWebhookConfiguration")
+        .expect("the webhook configuration");
+    assert_eq!(webhook["webhooks"], built["webhooks"]);
+
+    // --function-pod-label changes the selector.
+    let out = Command::new(BIN)
+        .args([
+            "register",
+            "--print",
+            "--function-pod-label",
+            "example.com/fn",
+        ])
+        .output()
+        .expect("run");
+    let built: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        built["webhooks"][0]["objectSelector"]["matchExpressions"][0]["key"],
+        "example.com/fn"
+    );
 }
 
 #[test]
@@ -199,4 +240,35 @@ fn certs_writes_a_ca_and_a_serving_certificate_and_refuses_to_overwrite() {
         &out.join("tls.key"),
     );
     assert!(cert.is_ok(), "the pair loads as a serving certificate");
+}
+
+#[test]
+fn the_deployment_gives_the_shutdown_delay_and_drain_time_to_finish() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/deployment.yaml");
+    let deployment: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read")).expect("YAML");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let seconds = |flag: &str| {
+        let value = args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .unwrap_or_else(|| panic!("deploy/ sets {flag}"));
+        humantime::parse_duration(value)
+            .expect("duration")
+            .as_secs()
+    };
+    let needed = seconds("--shutdown-delay") + seconds("--shutdown-timeout");
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    assert!(
+        grace >= needed + 5,
+        "terminationGracePeriodSeconds {grace} leaves no margin over delay + drain ({needed} s)"
+    );
 }

@@ -15,14 +15,55 @@ use crate::{basic_auth, docker_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fn-image-resolver");
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resolver";
-const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 
+/// The function pod Porch creates (its request as the webhook sees it,
+/// before the API server's own admission adds what it adds), with both
+/// images on `registry` unless said otherwise.
 fn function_pod(registry: &str) -> Pod {
-    let review: Value =
-        serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", registry)).expect("fixture");
+    function_pod_with_wrapper(registry, registry)
+}
+
+fn function_pod_with_wrapper(registry: &str, wrapper_registry: &str) -> Pod {
+    let review: Value = serde_json::from_str(&crate::common::function_pod_review(
+        registry,
+        wrapper_registry,
+    ))
+    .expect("fixture");
     let mut pod: Pod = serde_json::from_value(review["request"]["object"].clone()).expect("pod");
     pod.metadata.namespace = None;
+    // What the API server's ServiceAccount admission adds comes from the
+    // real one in this test; Porch's request carries none of it.
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes
+            .get_or_insert_default()
+            .retain(|v| !v.name.starts_with("kube-api-access-"));
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.volume_mounts
+                .get_or_insert_default()
+                .retain(|m| !m.name.starts_with("kube-api-access-"));
+        }
+        spec.service_account_name = None;
+        spec.service_account = None;
+        spec.tolerations = None;
+        spec.priority = None;
+        spec.enable_service_links = None;
+        spec.preemption_policy = None;
+    }
     pod
+}
+
+/// The fn-image-resolver counter `name` with `labels` in Prometheus text.
+fn counter(metrics: &str, name: &str, labels: &str) -> u64 {
+    let prefix = format!("fn_image_resolver_{name}{labels} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 struct Serve(tokio::process::Child);
@@ -58,6 +99,15 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
 
     let env = token_env().await;
     let host = env.proxy.host.clone();
+    // A registry the webhook has no credentials for (the kubelet might:
+    // node credential providers, mirrors): it answers 401.
+    let locked = crate::common::registry::Registry::start(
+        None,
+        crate::common::registry::Auth::Basic {
+            user: "node".into(),
+            pass: "node-only".into(),
+        },
+    );
     let (_cfg_dir, cfg) =
         docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
     let certs = tempfile::tempdir().expect("tempdir");
@@ -65,6 +115,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
         .expect("certs");
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
+    let metrics_url = format!("http://127.0.0.1:{resolver_port}/metrics");
     // serve runs as the deploy's ServiceAccount: registration, the secret
     // mirror and everything else must work with exactly that RBAC.
     let (ok, out) = kubectl(
@@ -77,7 +128,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     );
     assert!(ok, "{out}");
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
-    let insecure = format!("{host},127.0.0.1:{}", env.tokens.port);
+    let insecure = format!("{host},127.0.0.1:{},{}", env.tokens.port, locked.host);
     let serve = |failure_policy: &str| {
         crate::serve_command(certs.path(), port, resolver_port)
             .arg("--register-webhook")
@@ -89,6 +140,8 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
             .args(["--failure-policy", failure_policy])
             .arg("--enable-private-registries=true")
             .arg(format!("--registry-auth-secret-path={}", cfg.display()))
+            // Short, so the registry-failing step below is past it.
+            .arg("--cache-tag-ttl=1s")
             .env("FN_IMAGE_RESOLVER_INSECURE_REGISTRY", &insecure)
             .env("KUBECONFIG", &kubeconfig)
             .stdout(Stdio::null())
@@ -104,9 +157,19 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
         "{ready}"
     );
 
+    // A function pod exactly as Porch sends it, private registries on:
+    // its own imagePullSecrets entry, the entrypoint already after `--`.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "porch-fn-system");
+    let mut porch_pod = function_pod(&host);
+    porch_pod.spec.as_mut().expect("spec").image_pull_secrets =
+        Some(vec![k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "auth-secret".into(),
+        }]);
+    let sent_args = porch_pod.spec.as_ref().expect("spec").containers[0]
+        .args
+        .clone();
     let created = pods
-        .create(&PostParams::default(), &function_pod(&host))
+        .create(&PostParams::default(), &porch_pod)
         .await
         .expect("create pod");
     let name = created.metadata.name.clone().expect("generated name");
@@ -123,30 +186,51 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
             .as_str()
         )
     );
-    assert_eq!(
-        function
-            .args
-            .as_deref()
-            .and_then(|a| a.last())
-            .map(String::as_str),
-        Some("/usr/local/bin/function"),
-        "entrypoint filled after --"
-    );
+    assert_eq!(function.args, sent_args, "args stored as Porch wrote them");
     let init = &spec.init_containers.as_ref().expect("init")[0];
+    assert_eq!(
+        init.image.as_deref(),
+        Some(
+            format!(
+                "{host}/nephio/porch-wrapper-server:v4@{}",
+                env.samples.wrapper.digest
+            )
+            .as_str()
+        )
+    );
     assert!(
-        init.image
-            .as_deref()
-            .is_some_and(|i| i.contains("@sha256:"))
+        spec.volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name.starts_with("kube-api-access-")),
+        "the ServiceAccount admission ran: the webhook saw its projected volume"
     );
     assert_eq!(
         spec.image_pull_secrets
             .as_ref()
             .map(|s| s.iter().map(|r| r.name.clone()).collect::<Vec<_>>()),
-        Some(vec!["auth-secret".to_string()])
+        Some(vec!["auth-secret".to_string()]),
+        "Porch's entry, not a second one"
     );
     assert!(stored.metadata.annotations.as_ref().is_some_and(|a| {
         a.contains_key(fn_image_resolver::admission::mutate::ORIGINAL_IMAGES_ANNOTATION)
     }));
+
+    // A pod without the function label, in the function namespace: never
+    // sent to the webhook (objectSelector), stored as written.
+    let mut unlabeled = function_pod(&host);
+    unlabeled.metadata.labels = Some([("app".to_string(), "not-a-function".to_string())].into());
+    let unlabeled = pods
+        .create(&PostParams::default(), &unlabeled)
+        .await
+        .expect("create");
+    assert_eq!(
+        unlabeled
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers[0].image.clone()),
+        Some(format!("{host}/fns/set-namespace:v0.4"))
+    );
 
     // Other namespaces are not sent to the webhook at all.
     let other: Api<Pod> = Api::namespaced(admin.clone(), "other");
@@ -162,15 +246,92 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
         Some(format!("{host}/fns/set-namespace:v0.4"))
     );
 
-    // UPDATEs are not sent either: a label change leaves the pod as it is.
+    // A wrapper-server image on a registry that refuses the webhook: the
+    // pod is created (kubectl shows the warning), its function pinned.
+    let manifest = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        manifest.path(),
+        serde_json::to_vec(&function_pod_with_wrapper(&host, &locked.host)).expect("json"),
+    )
+    .expect("write");
+    let out = std::process::Command::new("kubectl")
+        .arg(format!(
+            "--kubeconfig={}",
+            plane.kubeconfig(ADMIN_TOKEN, "admin").display()
+        ))
+        .args([
+            "create",
+            "-n",
+            "porch-fn-system",
+            "-o",
+            "jsonpath={.metadata.name}",
+            "-f",
+        ])
+        .arg(manifest.path())
+        .output()
+        .expect("kubectl");
+    let (created_name, shown) = (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("Warning:")
+            && shown.contains("copy-wrapper-server")
+            && shown.contains(&locked.host),
+        "kubectl shows the warning: {shown}"
+    );
+    let wrapped = pods.get(&created_name).await.expect("stored");
+    let spec = wrapped.spec.as_ref().expect("spec");
+    assert_eq!(
+        spec.init_containers.as_ref().expect("init")[0]
+            .image
+            .as_deref(),
+        Some(format!("{}/nephio/porch-wrapper-server:v4", locked.host).as_str())
+    );
+    assert!(
+        spec.containers[0]
+            .image
+            .as_deref()
+            .is_some_and(|i| i.ends_with(&env.samples.entrypoint.digest)),
+        "function pinned"
+    );
+    assert!(wrapped.metadata.annotations.as_ref().is_some_and(|a| {
+        a.contains_key(fn_image_resolver::admission::mutate::UNPINNED_ANNOTATION)
+    }));
+
+    // UPDATEs are not sent to the webhook: its review counter stays put.
+    let reviews = |text: &str| {
+        ["patched", "unchanged", "denied", "failed-open", "invalid"]
+            .iter()
+            .map(|r| {
+                counter(
+                    text,
+                    "admission_reviews_total",
+                    &format!("{{result=\"{r}\"}}"),
+                )
+            })
+            .sum::<u64>()
+    };
+    let before = reviews(&crate::metrics_text(&format!("http://127.0.0.1:{resolver_port}")).await);
+    assert!(before >= 2, "the creations above were reviewed");
     let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
-    let updated = pods
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("update");
-    assert_eq!(updated.spec, stored.spec);
+    let after = reviews(
+        &reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+    assert_eq!(after, before, "no review for an UPDATE");
 
-    // Registry failing: cached answers still pin new pods.
+    // Registry failing, the tag's answer past its TTL: served stale, so new
+    // pods are still pinned.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     env.proxy.set_fault(
         Fault::Status {
             code: 500,
@@ -188,6 +349,16 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
             .as_ref()
             .and_then(|s| s.containers[0].image.clone()),
         function.image.clone()
+    );
+    let text = reqwest::get(&metrics_url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        counter(&text, "cache_lookups_total", "{result=\"stale\"}") >= 1,
+        "served from a stale entry: {text}"
     );
     env.proxy.set_fault(Fault::None, None);
 

@@ -2,6 +2,7 @@
 //! handshakes, headers that never end, bodies that never arrive, and a
 //! SIGTERM in the middle of a burst of admission reviews.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -9,8 +10,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::PlainEnv;
-
-const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 
 /// A `serve` process with both listeners; killed on drop.
 struct Served {
@@ -194,13 +193,13 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_webhook_load_drains_every_review() {
     let env = PlainEnv::start().await;
-    let mut served = Served::start(&env, &[]).await;
+    let mut served = Served::start(&env, &["--shutdown-delay=500ms"]).await;
     // Cold images behind a slow registry: every review is still resolving
     // when the signal arrives.
     env.proxy.set_delay(Duration::from_millis(700));
     let client = served.client();
     let url = format!("https://127.0.0.1:{}/mutate?timeout=10s", served.webhook);
-    let body = FIXTURE.replace("{{REGISTRY}}", &env.proxy.host);
+    let body = crate::common::function_pod_review(&env.proxy.host, &env.proxy.host);
     let reviews: Vec<_> = (0..24)
         .map(|i| {
             let mut review: Value = serde_json::from_str(&body).expect("fixture");
@@ -214,9 +213,8 @@ async fn sigterm_under_webhook_load_drains_every_review() {
             })
         })
         .collect();
-    // Signal only once the server is answering all of them: a request
-    // still on its way (TCP or TLS not yet accepted) at SIGTERM is refused,
-    // not drained, and the API server retries it elsewhere.
+    // Signal only once the server is answering all of them (with a delay
+    // this short, one still on its way could meet the closed listener).
     let mut answering = 0;
     for _ in 0..400 {
         answering = served.in_flight().await;
@@ -273,4 +271,153 @@ async fn sigterm_under_webhook_load_drains_every_review() {
         .await
         .expect("json");
     assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_refuses_nothing_during_the_shutdown_delay() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let env = PlainEnv::start().await;
+    let mut served = Served::start(&env, &["--shutdown-delay=3s"]).await;
+    let url = format!("https://127.0.0.1:{}/mutate?timeout=10s", served.webhook);
+    let body: Value = serde_json::from_str(&crate::common::function_pod_review(
+        &env.proxy.host,
+        &env.proxy.host,
+    ))
+    .expect("fixture");
+    let keep_alive = served.client();
+    let warm = keep_alive
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .expect("warm");
+    assert_eq!(warm.status().as_u16(), 200);
+
+    // The server's log, line by line, as it comes.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = served.child.stderr.take().expect("stderr");
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    // Clients that open a new connection for every review, as the API
+    // server does when its keep-alive connections are closed.
+    let ca = reqwest::Certificate::from_pem(served.ca.as_bytes()).expect("ca");
+    let fresh = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, body) = (fresh.clone(), url.clone(), body.clone());
+            let (results, stop) = (results.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let outcome = match client.post(&url).json(&body).send().await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            match resp.json::<Value>().await {
+                                Ok(answer)
+                                    if status == 200 && answer["response"]["allowed"] == true =>
+                                {
+                                    Ok(())
+                                }
+                                Ok(answer) => Err(format!("HTTP {status}: {answer}")),
+                                Err(e) => Err(format!("HTTP {status}, body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("{e:?}")),
+                    };
+                    results.lock().expect("results").push(outcome);
+                }
+            })
+        })
+        .collect();
+    for _ in 0..200 {
+        if results.lock().expect("results").len() >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let pid = served.child.id().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let handled = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("shutdown signal received") {
+                return;
+            }
+        }
+        panic!("the server's log ended before the signal was handled");
+    })
+    .await;
+    assert!(handled.is_ok(), "the signal was handled within 5 s");
+    let signalled = std::time::Instant::now();
+    // Not ready from the first request after the signal, on both listeners.
+    let readyz = reqwest::get(format!("http://127.0.0.1:{}/readyz", served.resolver))
+        .await
+        .expect("the loopback listener still answers");
+    assert_eq!(readyz.status().as_u16(), 503);
+    let over_tls = fresh
+        .get(format!("https://127.0.0.1:{}/readyz", served.webhook))
+        .send()
+        .await
+        .expect("the webhook listener still answers");
+    assert_eq!(over_tls.status().as_u16(), 503);
+    // A client on a keep-alive connection is told to re-dial.
+    let resp = keep_alive
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .expect("keep-alive review during the delay");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
+
+    // Keep the load on for most of the 3 s delay: nothing may fail.
+    let before = results.lock().expect("results").len();
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(signalled.elapsed())).await;
+    stop.cancel();
+    for task in load {
+        task.await.expect("load task");
+    }
+    let results = std::mem::take(&mut *results.lock().expect("results"));
+    assert!(
+        results.len() > before + 10,
+        "reviews kept flowing during the delay: {} before the signal, {} in all",
+        before,
+        results.len()
+    );
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+
+    let status = tokio::time::timeout(Duration::from_secs(30), served.child.wait())
+        .await
+        .expect("exits after the delay and the drain")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
 }

@@ -179,8 +179,10 @@ impl Drop for Endpoint {
 pub fn admission_settings() -> fn_image_resolver::admission::AdmissionSettings {
     fn_image_resolver::admission::AdmissionSettings {
         namespace: "porch-fn-system".into(),
+        function_label: "fn.kpt.dev/image".into(),
         pull_secret: "auth-secret".into(),
         failure_mode: fn_image_resolver::admission::FailureMode::Open,
+        pin_function_image: true,
         default_timeout: Duration::from_secs(10),
     }
 }
@@ -227,4 +229,9 @@ pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
         .tls_built_in_root_certs(false)
         .build()
         .expect("client")
+}
+
+/// The Prometheus text of `metrics`, as `/metrics` would serve it.
+pub fn metrics_text_of(metrics: &Metrics) -> String {
+    metrics.encode()
 }

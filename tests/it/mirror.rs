@@ -412,3 +412,108 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
     );
     shutdown.cancel();
 }
+
+/// What Porch's function runner does with the same Secret
+/// (`InspectOrCreateSecret`): Get; Create from the mounted file's bytes when
+/// missing; otherwise put the file's bytes in and Update. Porch skips the
+/// Update when the bytes are equal; this writer always sends it, which is
+/// harder on the mirror.
+async fn porch_writes(api: &Api<Secret>, source: &std::path::Path) {
+    let bytes = std::fs::read(source).expect("read the mounted config");
+    match api.get_opt("auth-secret").await.expect("get") {
+        None => {
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("auth-secret".into()),
+                    ..Default::default()
+                },
+                type_: Some(SECRET_TYPE.into()),
+                data: Some([(SECRET_KEY.to_string(), k8s_openapi::ByteString(bytes))].into()),
+                ..Default::default()
+            };
+            // The mirror may have won the race: then there is nothing to create.
+            let _ = api.create(&Default::default(), &secret).await;
+        }
+        Some(mut secret) => {
+            secret
+                .data
+                .get_or_insert_default()
+                .insert(SECRET_KEY.to_string(), k8s_openapi::ByteString(bytes));
+            // A conflict means the mirror wrote in between: Porch retries later.
+            let _ = api
+                .replace("auth-secret", &Default::default(), &secret)
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_and_porchs_own_writer_of_the_secret_agree() {
+    let (_plane, admin, sa) = plane_with_deploy().await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    // Both read the same mounted file, written by hand: its bytes are not
+    // what a JSON serializer would make of it, so only an exact copy agrees.
+    let mount = tempfile::tempdir().expect("mount");
+    let bytes = b"{\n  \"auths\": {\"registry.example.com\": {\"auth\": \"dTpw\"}}\n}\n";
+    kubelet_swap(mount.path(), bytes, 1);
+    let path = mount.path().join(".dockerconfigjson");
+
+    // Porch runs first and creates the Secret without our label.
+    porch_writes(&secrets, &path).await;
+    let created = secrets.get("auth-secret").await.expect("created by Porch");
+
+    // A mirror whose own source is unusable never writes: what it reports
+    // to the webhook (the Secret exists) comes from its watch.
+    let broken = tempfile::tempdir().expect("broken mount");
+    std::fs::write(broken.path().join("config.json"), "not json").expect("write");
+    let (blind, stop_blind) = start_mirror(
+        sa.clone(),
+        &broken.path().join("config.json"),
+        Metrics::new(),
+    );
+    for _ in 0..200 {
+        if blind.secret_exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(blind.secret_exists(), "the Secret Porch wrote counts");
+    assert!(!blind.is_synced());
+    stop_blind.cancel();
+
+    let (status, shutdown) = start_mirror(sa.clone(), &path, Metrics::new());
+    let porch = {
+        let (secrets, path) = (secrets.clone(), path.clone());
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                porch_writes(&secrets, &path).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        })
+    };
+    let mut versions = vec![created.metadata.resource_version.clone()];
+    let mut reads = 0;
+    while !porch.is_finished() {
+        let s = secrets.get("auth-secret").await.expect("never missing");
+        let data = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(SECRET_KEY))
+            .map(|b| b.0.as_slice())
+            .unwrap_or_default();
+        assert_eq!(data, bytes, "never empty, never another rendering");
+        if versions.last() != Some(&s.metadata.resource_version) {
+            versions.push(s.metadata.resource_version.clone());
+        }
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    porch.await.expect("porch writer");
+    assert!(reads > 100, "{reads} reads in 30 s");
+    assert!(
+        versions.len() <= 2,
+        "the resourceVersion changed more than once (the mirror's label): {versions:?}"
+    );
+    assert!(status.is_synced() && status.secret_exists());
+    shutdown.cancel();
+}

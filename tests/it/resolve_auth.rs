@@ -168,6 +168,7 @@ pub async fn token_env() -> TokenEnv {
         "fns/cmd-only",
         "fns/no-entrypoint",
         "fns/multi-arch",
+        "nephio/porch-wrapper-server",
     ]
     .map(|r| format!("repository:{r}:pull,push"))
     .join(" ");

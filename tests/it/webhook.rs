@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use fn_image_resolver::admission::mutate::ORIGINAL_IMAGES_ANNOTATION;
-use fn_image_resolver::admission::{Admitter, FailureMode};
+use fn_image_resolver::admission::mutate::{ORIGINAL_IMAGES_ANNOTATION, UNPINNED_ANNOTATION};
+use fn_image_resolver::admission::{AdmissionSettings, Admitter, FailureMode};
 use fn_image_resolver::cache::CacheSettings;
 use fn_image_resolver::registry::ResolverSettings;
 use fn_image_resolver::server::tls::ReloadingCert;
@@ -17,11 +17,10 @@ use crate::common::proxy::{Fault, Kind};
 use crate::resolve_auth::{PASSWORD, token_env};
 use crate::{PlainEnv, admission_settings, basic_auth, cached, client_trusting, docker_config};
 
-const FIXTURE: &str = include_str!("../fixtures/function-pod-review.json");
 const RESOLVER_TOKEN: &str = "resolver-caller-TOKEN-marker";
 
 fn review(registry: &str) -> Value {
-    serde_json::from_str(&FIXTURE.replace("{{REGISTRY}}", registry)).expect("fixture")
+    serde_json::from_str(&crate::common::function_pod_review(registry, registry)).expect("fixture")
 }
 
 /// The webhook served in-process over HTTPS with a generated CA.
@@ -29,6 +28,7 @@ struct Webhook {
     base: String,
     client: reqwest::Client,
     certs: tempfile::TempDir,
+    metrics: Arc<fn_image_resolver::metrics::Metrics>,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -39,6 +39,12 @@ impl Drop for Webhook {
 }
 
 async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webhook {
+    let mut admission = admission_settings();
+    admission.failure_mode = failure_mode;
+    webhook_with(settings, admission).await
+}
+
+async fn webhook_with(settings: &ResolverSettings, admission: AdmissionSettings) -> Webhook {
     let certs = tempfile::tempdir().expect("tempdir");
     let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
     fn_image_resolver::certs::write_bundle(certs.path(), &names, false).expect("certs");
@@ -52,12 +58,10 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
     let tokens = fn_image_resolver::server::auth::Tokens::load(&certs.path().join("tokens"))
         .expect("tokens");
     let (cache, metrics) = cached(settings, CacheSettings::default());
-    let mut admission = admission_settings();
-    admission.failure_mode = failure_mode;
     let state = Arc::new(AppState {
-        admitter: Admitter::new(cache.clone(), admission),
+        admitter: Admitter::new(cache.clone(), admission).with_metrics(metrics.clone()),
         cache,
-        metrics,
+        metrics: metrics.clone(),
         readiness: Arc::new(Readiness::default()),
         max_batch: 10,
         allowed_registries: Vec::new(),
@@ -92,11 +96,16 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
         base: format!("https://127.0.0.1:{port}"),
         client: client_trusting(&ca),
         certs,
+        metrics,
         shutdown,
     }
 }
 
 impl Webhook {
+    fn metrics(&self) -> Arc<fn_image_resolver::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
     async fn post(&self, body: &Value, query: &str) -> (u16, Value) {
         let resp = self
             .client
@@ -124,8 +133,29 @@ fn patched(review: &Value, answer: &Value) -> Value {
     pod
 }
 
+/// The JSON Patch of an answer, decoded.
+fn patch_of(answer: &Value) -> Value {
+    answer["response"]["patch"]
+        .as_str()
+        .map(|p| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(p)
+                .expect("patch is base64");
+            serde_json::from_slice(&bytes).expect("JSON patch")
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// `{container: value}` of a JSON annotation of `pod`.
+fn annotation(pod: &Value, key: &str) -> Value {
+    pod["metadata"]["annotations"][key]
+        .as_str()
+        .map(|v| serde_json::from_str(v).expect("JSON annotation"))
+        .unwrap_or(Value::Null)
+}
+
 #[tokio::test]
-async fn a_porch_function_pod_is_pinned_filled_and_the_second_pass_is_a_no_op() {
+async fn a_real_porch_function_pod_is_pinned_its_args_untouched_and_the_second_pass_is_a_no_op() {
     let env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     let review = review(&env.proxy.host);
@@ -135,6 +165,12 @@ async fn a_porch_function_pod_is_pinned_filled_and_the_second_pass_is_a_no_op() 
     assert_eq!(answer["kind"], "AdmissionReview");
     assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
     assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+    let ops = patch_of(&answer);
+    assert!(
+        !ops.to_string().contains("/args") && !ops.to_string().contains("/command"),
+        "Porch already wrote the entrypoint: {ops}"
+    );
     let pod = patched(&review, &answer);
     let function = &pod["spec"]["containers"][0];
     assert_eq!(
@@ -146,32 +182,36 @@ async fn a_porch_function_pod_is_pinned_filled_and_the_second_pass_is_a_no_op() 
     );
     assert_eq!(
         function["args"],
-        json!([
-            "--port",
-            "9446",
-            "--max-request-body-size",
-            "6291456",
-            "--",
-            "/usr/local/bin/function"
-        ])
+        review["request"]["object"]["spec"]["containers"][0]["args"]
     );
     let init = &pod["spec"]["initContainers"][0];
     assert_eq!(
         init["image"],
         format!(
-            "{}/fns/cmd-only:v1@{}",
-            env.proxy.host, env.samples.cmd_only.digest
+            "{}/nephio/porch-wrapper-server:v4@{}",
+            env.proxy.host, env.samples.wrapper.digest
         )
     );
     assert_eq!(
         init["command"],
-        json!(["cp", "-a", "/wrapper-server/.", "/wrapper-server-tools"])
+        json!([
+            "cp",
+            "-a",
+            "/home/nonroot/wrapper-server/.",
+            "/wrapper-server-tools"
+        ])
     );
     assert_eq!(
-        pod["metadata"]["annotations"]["fn.kpt.dev/template-hash"],
-        "0123456789"
+        pod["metadata"]["annotations"]["fn.kpt.dev/template-version"],
+        "4711"
     );
-    assert!(pod["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
+    assert_eq!(
+        annotation(&pod, ORIGINAL_IMAGES_ANNOTATION),
+        json!({
+            "copy-wrapper-server": format!("{}/nephio/porch-wrapper-server:v4", env.proxy.host),
+            "function": format!("{}/fns/set-namespace:v0.4", env.proxy.host),
+        })
+    );
     assert!(
         pod["spec"].get("imagePullSecrets").is_none(),
         "anonymous registry: no secret"
@@ -186,7 +226,72 @@ async fn a_porch_function_pod_is_pinned_filled_and_the_second_pass_is_a_no_op() 
 }
 
 #[tokio::test]
-async fn other_namespaces_updates_and_non_pods_are_allowed_unchanged() {
+async fn a_trailing_separator_gets_the_entrypoint_and_a_stale_one_is_replaced_with_a_warning() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let head = json!(["--port", "9446", "--max-request-body-size", "6291456", "--"]);
+    let with_args = |args: Value| {
+        let mut review = review(&env.proxy.host);
+        review["request"]["object"]["spec"]["containers"][0]["args"] = args;
+        review
+    };
+
+    let trailing = with_args(head.clone());
+    let (_, answer) = hook.post(&trailing, "").await;
+    let pod = patched(&trailing, &answer);
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        json!([
+            "--port",
+            "9446",
+            "--max-request-body-size",
+            "6291456",
+            "--",
+            "/usr/local/bin/function"
+        ])
+    );
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+
+    // Porch keeps entrypoints forever: after the tag moved it writes the old one.
+    let stale = with_args(json!([
+        "--port",
+        "9446",
+        "--max-request-body-size",
+        "6291456",
+        "--",
+        "/old/function",
+        "run"
+    ]));
+    let (_, answer) = hook.post(&stale, "").await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let pod = patched(&stale, &answer);
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        json!([
+            "--port",
+            "9446",
+            "--max-request-body-size",
+            "6291456",
+            "--",
+            "/usr/local/bin/function"
+        ])
+    );
+    let warning = answer["response"]["warnings"].to_string();
+    assert!(
+        warning.contains("function")
+            && warning.contains("/old/function")
+            && warning.contains("/usr/local/bin/function"),
+        "{answer}"
+    );
+    let metrics = crate::metrics_text_of(&hook.metrics());
+    assert!(
+        metrics.contains("fn_image_resolver_admission_entrypoints_replaced_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn unlabeled_pods_other_namespaces_updates_and_non_pods_are_allowed_unchanged() {
     let env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     let base = review(&env.proxy.host);
@@ -198,10 +303,19 @@ async fn other_namespaces_updates_and_non_pods_are_allowed_unchanged() {
     configmap["request"]["kind"] = json!({"group": "", "version": "v1", "kind": "ConfigMap"});
     configmap["request"]["object"] =
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}});
+    let mut unlabeled = base.clone();
+    unlabeled["request"]["object"]["metadata"]["labels"] = json!({"app": "something-else"});
+    let mut no_labels = base.clone();
+    no_labels["request"]["object"]["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("labels");
     for (name, review) in [
         ("other namespace", other_ns),
         ("update", update),
         ("configmap", configmap),
+        ("another label", unlabeled),
+        ("no labels", no_labels),
     ] {
         let (status, answer) = hook.post(&review, "").await;
         assert_eq!(status, 200, "{name}");
@@ -216,16 +330,17 @@ async fn other_namespaces_updates_and_non_pods_are_allowed_unchanged() {
 }
 
 #[tokio::test]
-async fn multi_container_multi_arch_pinned_and_existing_secret() {
+async fn the_function_container_is_the_one_with_the_separator_and_others_are_pinned_only() {
     let env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     let host = &env.proxy.host;
     let pinned = format!("{host}/fns/set-namespace@{}", env.samples.entrypoint.digest);
     let mut review = review(host);
     review["request"]["object"]["spec"]["containers"] = json!([
-        {"name": "a", "image": format!("{host}/fns/multi-arch:v1"), "args": ["--"]},
-        {"name": "b", "image": pinned, "args": ["--"]},
-        {"name": "c", "image": format!("{host}/fns/cmd-only:v1")}
+        {"name": "function", "image": format!("{host}/fns/multi-arch:v1"),
+         "command": ["/wrapper-server-tools/wrapper-server"], "args": ["--port", "9446", "--"]},
+        {"name": "pinned", "image": pinned, "args": ["--"]},
+        {"name": "no-command", "image": format!("{host}/fns/cmd-only:v1")}
     ]);
     review["request"]["object"]["spec"]["imagePullSecrets"] = json!([{"name": "auth-secret"}]);
     let (_, answer) = hook.post(&review, "").await;
@@ -235,20 +350,114 @@ async fn multi_container_multi_arch_pinned_and_existing_secret() {
         c[0]["image"],
         format!("{host}/fns/multi-arch:v1@{}", env.samples.multi.digest)
     );
-    assert_eq!(c[0]["args"], json!(["--", "/fn-amd64"]));
+    assert_eq!(
+        c[0]["args"],
+        json!(["--port", "9446", "--", "/fn-amd64"]),
+        "the --platform child's entrypoint"
+    );
     assert_eq!(
         c[1]["image"],
         pinned.as_str(),
         "already pinned: kept as written"
     );
-    assert_eq!(c[1]["args"], json!(["--", "/usr/local/bin/function"]));
+    assert_eq!(c[1]["args"], json!(["--"]), "not the function container");
+    assert_eq!(
+        c[2]["image"],
+        format!("{host}/fns/cmd-only:v1@{}", env.samples.cmd_only.digest)
+    );
     assert!(
-        c[2].get("command").is_none(),
-        "Cmd-only image without command runs as is"
+        c[2].get("command").is_none() && c[2].get("args").is_none(),
+        "a container without a command is pinned only: {}",
+        c[2]
     );
     assert_eq!(
         pod["spec"]["imagePullSecrets"],
         json!([{"name": "auth-secret"}])
+    );
+}
+
+#[tokio::test]
+async fn a_wrapper_image_the_webhook_cannot_read_is_admitted_as_written_with_a_warning() {
+    // The function's registry is open; the wrapper-server's answers 401 to
+    // us (the kubelet may still pull it: node credentials, mirrors, ...).
+    let functions = PlainEnv::start().await;
+    let locked = token_env().await;
+    let mut settings = functions.settings();
+    settings.insecure_hosts.push(locked.proxy.host.clone());
+    settings
+        .insecure_hosts
+        .push(format!("127.0.0.1:{}", locked.tokens.port));
+    for mode in [FailureMode::Open, FailureMode::Closed] {
+        let hook = webhook(&settings, mode).await;
+        let body: Value = serde_json::from_str(&crate::common::function_pod_review(
+            &functions.proxy.host,
+            &locked.proxy.host,
+        ))
+        .expect("fixture");
+        let (status, answer) = hook.post(&body, "").await;
+        assert_eq!(status, 200);
+        if mode == FailureMode::Closed {
+            assert_eq!(answer["response"]["allowed"], false, "{answer}");
+            continue;
+        }
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        let pod = patched(&body, &answer);
+        let wrapper = format!("{}/nephio/porch-wrapper-server:v4", locked.proxy.host);
+        assert_eq!(pod["spec"]["initContainers"][0]["image"], wrapper.as_str());
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            format!(
+                "{}/fns/set-namespace:v0.4@{}",
+                functions.proxy.host, functions.samples.entrypoint.digest
+            )
+        );
+        let warnings = answer["response"]["warnings"].to_string();
+        assert!(
+            warnings.contains("copy-wrapper-server") && warnings.contains(&wrapper),
+            "{warnings}"
+        );
+        let unpinned = annotation(&pod, UNPINNED_ANNOTATION);
+        assert!(
+            unpinned["copy-wrapper-server"]
+                .as_str()
+                .is_some_and(|r| r.contains("refused")),
+            "{unpinned}"
+        );
+        let metrics = crate::metrics_text_of(&hook.metrics());
+        assert!(
+            metrics.contains(
+                "fn_image_resolver_admission_containers_unpinned_total{reason=\"unauthorized\"} 1"
+            ) && metrics
+                .contains("fn_image_resolver_admission_reviews_total{result=\"failed-open\"} 1"),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_function_image_can_be_left_unpinned_while_its_entrypoint_is_checked() {
+    let env = PlainEnv::start().await;
+    let mut admission = admission_settings();
+    admission.pin_function_image = false;
+    let hook = webhook_with(&env.settings(), admission).await;
+    let mut review = review(&env.proxy.host);
+    review["request"]["object"]["spec"]["containers"][0]["args"] =
+        json!(["--port", "9446", "--", "/old/function"]);
+    let (_, answer) = hook.post(&review, "").await;
+    let pod = patched(&review, &answer);
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"],
+        format!("{}/fns/set-namespace:v0.4", env.proxy.host),
+        "as written: Porch re-adopts its pods by this string"
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        json!(["--port", "9446", "--", "/usr/local/bin/function"])
+    );
+    assert!(
+        pod["spec"]["initContainers"][0]["image"]
+            .as_str()
+            .is_some_and(|i| i.contains("@sha256:"))
     );
 }
 
@@ -325,11 +534,23 @@ async fn a_registry_slower_than_the_budget_fails_open_or_closed_as_configured() 
     );
     assert_eq!(status, 200);
     assert_eq!(answer["response"]["allowed"], true);
-    assert!(answer["response"].get("patch").is_none());
+    let pod = patched(&review, &answer);
+    assert_eq!(
+        pod["spec"]["containers"], review["request"]["object"]["spec"]["containers"],
+        "admitted as written"
+    );
+    let unpinned = annotation(&pod, UNPINNED_ANNOTATION);
+    assert!(
+        unpinned["function"]
+            .as_str()
+            .is_some_and(|r| r.contains("admission budget"))
+            && unpinned["copy-wrapper-server"].is_string(),
+        "{unpinned}"
+    );
     assert!(
         answer["response"]["warnings"][0]
             .as_str()
-            .is_some_and(|w| w.contains("admitted it unchanged")),
+            .is_some_and(|w| w.contains("admitted as written")),
         "{answer}"
     );
 
@@ -342,7 +563,14 @@ async fn a_registry_slower_than_the_budget_fails_open_or_closed_as_configured() 
     // API server's retry is answered from the cache.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, answer) = open.post(&review, "?timeout=1s").await;
-    assert!(answer["response"]["patch"].is_string(), "{answer}");
+    let pod = patched(&review, &answer);
+    assert!(
+        pod["spec"]["containers"][0]["image"]
+            .as_str()
+            .is_some_and(|i| i.contains("@sha256:")),
+        "{answer}"
+    );
+    assert!(annotation(&pod, UNPINNED_ANNOTATION).is_null());
 }
 
 #[tokio::test]
@@ -480,36 +708,44 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
 }
 
 #[tokio::test]
-async fn a_pull_secret_that_the_mirror_has_not_synced_yet_denies_the_pod() {
+async fn a_pull_secret_not_in_the_namespace_yet_is_not_injected() {
     let env = token_env().await;
     let host = env.proxy.host.clone();
     let (_d, cfg) =
         docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
-    let (cache, _) = cached(&env.settings(&cfg), CacheSettings::default());
-    let status = Arc::new(fn_image_resolver::secrets::MirrorStatus::default());
-    let admitter = Admitter::new(cache, admission_settings()).with_mirror(status);
     let body = serde_json::to_vec(&review(&host)).expect("json");
-    let answer = admitter.review(&body, None).await.expect("review");
-    assert!(!answer.allowed());
-    let message = answer.message().unwrap_or_default();
-    assert!(
-        message.contains("auth-secret") && message.contains("porch-fn-system"),
-        "{message}"
-    );
+    for mode in [FailureMode::Open, FailureMode::Closed] {
+        let (cache, _) = cached(&env.settings(&cfg), CacheSettings::default());
+        let mut settings = admission_settings();
+        settings.failure_mode = mode;
+        // A mirror that has not seen the Secret (nor written it) yet.
+        let status = Arc::new(fn_image_resolver::secrets::MirrorStatus::default());
+        let admitter = Admitter::new(cache, settings).with_mirror(status);
+        let answer = admitter.review(&body, None).await.expect("review");
+        if mode == FailureMode::Closed {
+            assert!(!answer.allowed());
+            let message = answer.message().unwrap_or_default();
+            assert!(message.contains("auth-secret"), "{message}");
+            continue;
+        }
+        assert!(answer.allowed());
+        let patch: Value = serde_json::from_slice(&answer.patch().expect("pinned")).expect("patch");
+        assert!(!patch.to_string().contains("imagePullSecrets"), "{patch}");
+        assert!(
+            answer.warnings().iter().any(|w| w.contains("auth-secret")),
+            "{:?}",
+            answer.warnings()
+        );
+    }
 
-    // Images that need no credentials are not held up by the mirror.
+    // Images that need no credentials are not held up by the secret.
     let plain = PlainEnv::start().await;
     let (cache, _) = cached(&plain.settings(), CacheSettings::default());
     let admitter = Admitter::new(cache, admission_settings())
         .with_mirror(Arc::new(fn_image_resolver::secrets::MirrorStatus::default()));
     let body = serde_json::to_vec(&review(&plain.proxy.host)).expect("json");
-    assert!(
-        admitter
-            .review(&body, None)
-            .await
-            .expect("review")
-            .allowed()
-    );
+    let answer = admitter.review(&body, None).await.expect("review");
+    assert!(answer.allowed() && answer.warnings().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,11 +775,15 @@ async fn a_registry_that_stops_mid_review_fails_open_with_a_warning() {
     env.registry.stop();
     let answer = pending.await.expect("join").expect("json");
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
-    assert!(answer["response"].get("patch").is_none());
+    let pod = patched(&review, &answer);
+    assert_eq!(
+        pod["spec"]["containers"], review["request"]["object"]["spec"]["containers"],
+        "admitted as written"
+    );
     assert!(
         answer["response"]["warnings"][0]
             .as_str()
-            .is_some_and(|w| w.contains("admitted it unchanged")),
+            .is_some_and(|w| w.contains("admitted as written")),
         "{answer}"
     );
 }
