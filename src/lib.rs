@@ -5,14 +5,16 @@
 //! the tests all run the same code.
 
 pub mod admission;
+pub mod app;
 pub mod cache;
 pub mod certs;
 pub mod cli;
-pub mod config;
-pub mod fswatch;
+pub mod cluster;
+pub mod health;
 pub mod metrics;
 pub mod registration;
 pub mod registry;
+pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! The `MutatingWebhookConfiguration` that sends function pod creations to
-//! us, built from flags and applied with server-side apply (one field
+//! us, built from its settings and applied with server-side apply (one field
 //! manager, so replicas and re-runs converge instead of fighting).
 
 use std::path::PathBuf;
@@ -13,15 +13,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 use kube::api::{Api, Patch, PatchParams};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::health::Readiness;
+use crate::reload::Backoff;
 
 pub const FIELD_MANAGER: &str = "fn-image-resolver";
 const NAMESPACE_LABEL: &str = "kubernetes.io/metadata.name";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// What the API server does when the webhook cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
-    /// The API server admits the pod unchanged when the webhook cannot be reached.
+    /// Admit the pod unchanged.
     Ignore,
-    /// The API server refuses the pod when the webhook cannot be reached.
+    /// Refuse the pod.
     Fail,
 }
 
@@ -34,72 +40,27 @@ impl FailurePolicy {
     }
 }
 
-/// Registration flags (used by `register` and `serve --register-webhook`).
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Webhook registration")]
-pub struct RegistrationArgs {
-    /// Name of the MutatingWebhookConfiguration (and of its webhook entry, with a suffix).
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_WEBHOOK_NAME",
-        default_value = "fn-image-resolver"
-    )]
+/// How the webhook is registered (`register`, `serve --register-webhook`).
+#[derive(Debug, Clone)]
+pub struct RegistrationConfig {
+    /// Name of the MutatingWebhookConfiguration (and of its webhook, with a suffix).
     pub webhook_name: String,
-
-    /// Service the API server calls (ignored with --webhook-url).
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE",
-        default_value = "fn-image-resolver"
-    )]
-    pub webhook_service: String,
-
-    /// Namespace of that Service, where fn-image-resolver runs. Never matched by the webhook.
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE_NAMESPACE",
-        default_value = "porch-system"
-    )]
-    pub webhook_service_namespace: String,
-
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE_PORT",
-        default_value_t = 443
-    )]
-    pub webhook_service_port: i32,
-
-    /// Call this URL instead of a Service (e.g. https://127.0.0.1:8443/mutate out of cluster).
-    #[arg(long, env = "FN_IMAGE_RESOLVER_WEBHOOK_URL", value_name = "URL")]
-    pub webhook_url: Option<String>,
-
-    /// PEM CA bundle the API server verifies the webhook with (e.g. ca.crt from `certs`).
-    #[arg(long, env = "FN_IMAGE_RESOLVER_CA_BUNDLE_FILE", value_name = "FILE")]
+    /// The Service the API server calls, unless `url` is set.
+    pub service: String,
+    /// Its namespace, where fn-image-resolver runs; never matched.
+    pub service_namespace: String,
+    pub service_port: i32,
+    /// Call this URL instead of a Service.
+    pub url: Option<String>,
+    /// PEM CA bundle the API server verifies the webhook with.
     pub ca_bundle_file: Option<PathBuf>,
-
-    /// Seconds the API server waits for the webhook (1-30); it passes this as ?timeout=.
-    #[arg(long, env = "FN_IMAGE_RESOLVER_WEBHOOK_TIMEOUT", default_value_t = 10,
-          value_parser = clap::value_parser!(i32).range(1..=30))]
-    pub webhook_timeout: i32,
-
-    /// Only pods carrying this label are sent to the webhook (objectSelector
-    /// `Exists`) and mutated; Porch labels every function pod with it.
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_FUNCTION_POD_LABEL",
-        default_value = "fn.kpt.dev/image",
-        value_name = "KEY"
-    )]
-    pub function_pod_label: String,
-
-    /// What the API server does when the webhook cannot be reached.
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_FAILURE_POLICY",
-        value_enum,
-        default_value = "ignore"
-    )]
+    /// `timeoutSeconds` (1-30).
+    pub timeout_seconds: i32,
     pub failure_policy: FailurePolicy,
+    /// Function pods are created in this namespace ...
+    pub pod_namespace: String,
+    /// ... and carry this label.
+    pub function_label: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +83,10 @@ pub enum RegistrationError {
     },
 }
 
-/// Builds the configuration for function pods created in `pod_namespace`.
-pub fn build(
-    args: &RegistrationArgs,
-    pod_namespace: &str,
-) -> Result<MutatingWebhookConfiguration, RegistrationError> {
-    if pod_namespace == args.webhook_service_namespace {
+/// Builds the configuration for function pods.
+pub fn build(args: &RegistrationConfig) -> Result<MutatingWebhookConfiguration, RegistrationError> {
+    let pod_namespace = args.pod_namespace.as_str();
+    if pod_namespace == args.service_namespace {
         return Err(RegistrationError::OwnNamespace(pod_namespace.to_string()));
     }
     let ca_bundle = match &args.ca_bundle_file {
@@ -141,12 +100,12 @@ pub fn build(
     };
     let client_config = WebhookClientConfig {
         ca_bundle,
-        url: args.webhook_url.clone(),
-        service: args.webhook_url.is_none().then(|| ServiceReference {
-            name: args.webhook_service.clone(),
-            namespace: args.webhook_service_namespace.clone(),
+        url: args.url.clone(),
+        service: args.url.is_none().then(|| ServiceReference {
+            name: args.service.clone(),
+            namespace: args.service_namespace.clone(),
             path: Some("/mutate".into()),
-            port: Some(args.webhook_service_port),
+            port: Some(args.service_port),
         }),
     };
     let requirement = |operator: &str, values: Vec<String>| LabelSelectorRequirement {
@@ -167,7 +126,7 @@ pub fn build(
                 // whatever --pod-namespace says.
                 requirement(
                     "NotIn",
-                    vec![args.webhook_service_namespace.clone(), "kube-system".into()],
+                    vec![args.service_namespace.clone(), "kube-system".into()],
                 ),
             ]),
             match_labels: None,
@@ -175,7 +134,7 @@ pub fn build(
         // Function pods only: Porch labels each with its image's pod id.
         object_selector: Some(LabelSelector {
             match_expressions: Some(vec![LabelSelectorRequirement {
-                key: args.function_pod_label.clone(),
+                key: args.function_label.clone(),
                 operator: "Exists".into(),
                 values: None,
             }]),
@@ -190,7 +149,7 @@ pub fn build(
             scope: Some("Namespaced".into()),
         }]),
         side_effects: "None".into(),
-        timeout_seconds: Some(args.webhook_timeout),
+        timeout_seconds: Some(args.timeout_seconds),
         ..Default::default()
     };
     Ok(MutatingWebhookConfiguration {
@@ -209,14 +168,6 @@ pub fn build(
     })
 }
 
-/// A client from in-cluster credentials or `$KUBECONFIG`, with an error that
-/// says where credentials were looked for.
-pub async fn kube_client() -> Result<kube::Client, String> {
-    kube::Client::try_default()
-        .await
-        .map_err(|e| format!("no Kubernetes credentials (in-cluster or $KUBECONFIG): {e}"))
-}
-
 /// Server-side applies `config`, taking ownership of its fields.
 pub async fn apply(
     client: kube::Client,
@@ -229,4 +180,43 @@ pub async fn apply(
         .await
         .map_err(|source| RegistrationError::Apply { name, source })?;
     Ok(())
+}
+
+/// The readiness check registration reports into.
+pub const READINESS_CHECK: &str = "webhook-registration";
+
+/// Applies `config` until it succeeds, retrying with backoff (the API server
+/// may not be reachable yet); `readiness` says why it is not done yet.
+pub async fn register_until_done(
+    config: MutatingWebhookConfiguration,
+    readiness: std::sync::Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let name = config.metadata.name.clone().unwrap_or_default();
+    let mut backoff = Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        let result = match crate::cluster::client().await {
+            Ok(client) => apply(client, &config).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                info!(name, "webhook registered");
+                readiness.set(READINESS_CHECK, Ok(()));
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "webhook registration failed");
+                readiness.set(READINESS_CHECK, Err(e));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
 }

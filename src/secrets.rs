@@ -25,10 +25,12 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::registry::DockerConfig;
+use crate::reload::{Backoff, FileWatch};
 
 pub const SECRET_TYPE: &str = "kubernetes.io/dockerconfigjson";
 pub const SECRET_KEY: &str = ".dockerconfigjson";
@@ -261,16 +263,11 @@ pub async fn run(
     settings: MirrorSettings,
     status: Arc<MirrorStatus>,
     metrics: Arc<Metrics>,
-    readiness: Option<Arc<crate::server::Readiness>>,
+    readiness: Option<Arc<Readiness>>,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<&'static str>(16);
-    let file_tx = tx.clone();
-    let _file_watcher = crate::fswatch::watch_parents(&[&settings.source], move || {
-        let _ = file_tx.try_send("source changed");
-    })
-    .map_err(|e| warn!(path = %settings.source.display(), error = %e, "cannot watch the Docker config; relying on the periodic resync"))
-    .ok();
+    let mut source = FileWatch::new(&[&settings.source]);
     // Watch just the target Secret: deleted or edited means restored now,
     // and it tells the webhook whether the Secret exists.
     let target = {
@@ -279,7 +276,8 @@ pub async fn run(
         let tx = tx.clone();
         let shutdown = shutdown.clone();
         let status = status.clone();
-        tokio::spawn(async move {
+        tokio::spawn(
+            async move {
             let mut events = watcher(api, config).boxed();
             // Whether the listing that a (re)started watch begins with saw it.
             let mut listed = false;
@@ -305,12 +303,14 @@ pub async fn run(
                     }
                 }
             }
-        })
+        }
+            .in_current_span(),
+        )
     };
     let mut mirror = Mirror::new(client, settings.clone(), metrics.clone());
     let mut resync = tokio::time::interval(settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant>;
     let mut reason = "startup";
     loop {
@@ -321,7 +321,7 @@ pub async fn run(
         // retried and logged but does not take the webhook out of service.
         if let Some(readiness) = &readiness {
             readiness.set(
-                "pull-secret",
+                READINESS_CHECK,
                 if status.is_synced() {
                     Ok(())
                 } else {
@@ -336,14 +336,14 @@ pub async fn run(
                     info!(secret = %settings.name, namespace = %settings.namespace, outcome = outcome.as_str(), reason, "pull secret synced");
                 }
                 metrics.secret_synced_now();
-                backoff = Duration::from_millis(250);
+                backoff.reset();
                 retry_at = None;
             }
             Err(e) => {
                 metrics.secret_sync("error");
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pull secret sync failed");
-                retry_at = Some(tokio::time::Instant::now() + backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pull secret sync failed");
+                retry_at = Some(tokio::time::Instant::now() + delay);
             }
         }
         let retry = async {
@@ -354,9 +354,10 @@ pub async fn run(
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            () = source.changed() => reason = "source changed",
             r = rx.recv() => {
                 reason = r.unwrap_or("events closed");
-                // Coalesce bursts (a symlink swap is several events).
+                // Coalesce bursts (an edit can be several events).
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while rx.try_recv().is_ok() {}
             }
@@ -365,4 +366,34 @@ pub async fn run(
         }
     }
     target.abort();
+}
+
+/// The readiness check the mirror reports into.
+pub const READINESS_CHECK: &str = "pull-secret";
+
+/// Runs the mirror once a Kubernetes client can be built (in-cluster or
+/// `$KUBECONFIG`), retrying until then with the reason in `readiness`.
+pub async fn run_when_connected(
+    settings: MirrorSettings,
+    status: Arc<MirrorStatus>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    readiness.set(READINESS_CHECK, Err("not synced yet".into()));
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let client = loop {
+        match crate::cluster::client().await {
+            Ok(client) => break client,
+            Err(reason) => {
+                warn!(error = %reason, "secret mirror waiting for a Kubernetes client");
+                readiness.set(READINESS_CHECK, Err(reason));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    };
+    run(client, settings, status, metrics, Some(readiness), shutdown).await;
 }

@@ -2,17 +2,23 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogArgs, LogFormat};
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&args.log_level)
-        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+/// Installs the global subscriber: `filter` in `RUST_LOG` syntax. Safe to
+/// call once per process.
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let env_filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {filter:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .with_target(false);
-    let result = match args.log_format {
+    let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
             .json()

@@ -17,12 +17,13 @@ use crate::metrics::Metrics;
 use crate::registry::ResolveError;
 use crate::secrets::MirrorStatus;
 
-/// What to do when the registry cannot answer in time (transient failures).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// What to do with a pod whose images cannot all be pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureMode {
-    /// Admit the pod unchanged, with a warning.
+    /// Deny only a pod that cannot be right; admit the containers that
+    /// cannot be resolved as written, with a warning.
     Open,
-    /// Deny the pod.
+    /// Deny any pod with an image that cannot be pinned.
     Closed,
 }
 

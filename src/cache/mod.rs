@@ -27,13 +27,15 @@ mod entry;
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::{EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, warn};
 
 use self::entry::{Entry, Wanted};
 use crate::metrics::Metrics;
@@ -41,6 +43,9 @@ use crate::registry::{
     CredentialId, ImageAnswer, KeyedCredential, Platform, RegistryError, Resolution, ResolveError,
     Resolver,
 };
+
+/// Backstop re-read of the Docker config, for missed file events.
+const CREDENTIALS_RESYNC: Duration = Duration::from_secs(30);
 
 /// Cache limits and lifetimes.
 #[derive(Debug, Clone)]
@@ -428,7 +433,7 @@ impl CachedResolver {
         };
         let this = self.clone();
         let credential = credential.cloned();
-        tokio::spawn(async move {
+        let task = async move {
             let _running = running;
             let Some(old) = entry.answer(false) else {
                 return;
@@ -477,7 +482,9 @@ impl CachedResolver {
             if !replaced {
                 debug!(image = %reference, "a newer entry arrived during the revalidation; it stays");
             }
-        });
+        };
+        // In the span of the request that found the entry stale.
+        tokio::spawn(task.in_current_span());
     }
 
     /// Puts `new` in place of `old` if `old` is still the entry under `key`
@@ -497,6 +504,30 @@ impl CachedResolver {
             });
         // Vacant (evicted meanwhile): dropping the guard leaves it empty.
         matches!(result, EntryResult::Retained(true))
+    }
+
+    /// Follows the mounted Docker config until `shutdown`: reloads the
+    /// credentials when the file changes (a broken file keeps the last good
+    /// config) and drops the answers fetched with credentials that are gone.
+    pub async fn follow_credentials(self, shutdown: CancellationToken) {
+        let credentials = self.resolver.credentials().clone();
+        let Some(path) = credentials.path().map(Path::to_path_buf) else {
+            return;
+        };
+        crate::reload::follow(
+            "Docker config",
+            &[&path],
+            CREDENTIALS_RESYNC,
+            shutdown,
+            || {
+                if credentials.reload()? {
+                    self.retain_credentials(&credentials.current().identities());
+                    info!(path = %path.display(), "credentials changed; answers fetched with old credentials dropped");
+                }
+                Ok::<_, crate::registry::DockerConfigError>(())
+            },
+        )
+        .await;
     }
 
     /// Drops answers fetched with credentials that are no longer configured.

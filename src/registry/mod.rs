@@ -198,6 +198,11 @@ impl Credentials {
         })
     }
 
+    /// The file the credentials come from (`None`: private registries off).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
     pub fn current(&self) -> Arc<DockerConfig> {
         self.current.load_full()
     }

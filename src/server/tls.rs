@@ -13,9 +13,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -134,28 +133,18 @@ impl ReloadingCert {
         Arc::new(config)
     }
 
-    /// Follows the files until `shutdown`: directory events (the kubelet swaps
-    /// a `..data` symlink) plus a periodic re-read.
+    /// Follows the files until `shutdown` (the kubelet's `..data` swap
+    /// included; a broken pair keeps the current certificate).
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let watcher =
-            crate::fswatch::watch_parents(&[&self.cert_path, &self.key_path], move || {
-                let _ = tx.try_send(());
-            });
-        let _watcher = watcher.map_err(|e| warn!(error = %e, "cannot watch the certificate files; re-reading them every 30s")).ok();
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = rx.recv() => tokio::time::sleep(Duration::from_millis(50)).await,
-                _ = tick.tick() => {}
-            }
-            while rx.try_recv().is_ok() {}
-            if let Err(e) = self.reload() {
-                warn!(error = %e, "keeping the current serving certificate");
-            }
-        }
+        let (cert, key) = (self.cert_path.clone(), self.key_path.clone());
+        crate::reload::follow(
+            "serving certificate",
+            &[&cert, &key],
+            Duration::from_secs(30),
+            shutdown,
+            || self.reload().map(drop),
+        )
+        .await;
     }
 }
 

@@ -102,8 +102,17 @@ async fn two_hundred_concurrent_misses_on_a_failing_registry_share_one_failure()
 #[tokio::test]
 async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
     let env = PlainEnv::start().await;
-    let (cache, metrics) = cached(&env.settings(), short_ttl());
+    // Long enough for the push below on a busy machine.
+    let ttl = Duration::from_secs(3);
+    let (cache, metrics) = cached(
+        &env.settings(),
+        CacheSettings {
+            tag_ttl: ttl,
+            ..short_ttl()
+        },
+    );
     let tag = env.image("fns/set-namespace:v0.4");
+    let fetched = std::time::Instant::now();
     let (first, status) = cache.resolve(&tag, None).await.expect("miss");
     assert_eq!(status, CacheStatus::Miss);
     assert_eq!(first.digest, env.samples.entrypoint.digest);
@@ -120,7 +129,7 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
     );
     assert_eq!(env.proxy.total(), 0);
 
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep((ttl + Duration::from_millis(100)).saturating_sub(fetched.elapsed())).await;
     let (stale, status) = cache.resolve(&tag, None).await.expect("stale");
     assert_eq!(
         status,
@@ -385,12 +394,7 @@ async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     settings.docker_config_path = path.clone();
     let (cache, _) = cached(&settings, CacheSettings::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(fn_image_resolver::server::watch_credentials(
-        path.clone(),
-        cache.resolver().credentials().clone(),
-        cache.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(cache.clone().follow_credentials(shutdown.clone()));
     let image = env.image("fns/set-namespace:v0.4");
     let (first, _) = cache.resolve(&image, None).await.expect("miss");
     assert_eq!(first.pull_secret.as_deref(), Some("auth-secret"));

@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use fn_image_resolver::app::ServeConfig;
 use fn_image_resolver::cache::{CacheSettings, CachedResolver};
 use fn_image_resolver::metrics::Metrics;
 use fn_image_resolver::registry::{Resolver, ResolverSettings};
-use fn_image_resolver::server::{AppState, Readiness};
+use fn_image_resolver::server::HttpLimits;
 
 use common::oci::{Pusher, Samples, samples};
 use common::proxy::Proxy;
@@ -115,51 +116,43 @@ pub fn cached(settings: &ResolverSettings, cache: CacheSettings) -> (CachedResol
     )
 }
 
-/// The resolver endpoint served in-process on a loopback port.
+/// `serve`'s configuration for `settings` and `cache`: the resolver endpoint
+/// on a free loopback port, no webhook, no cluster.
+pub fn serve_config(settings: &ResolverSettings, cache: CacheSettings) -> ServeConfig {
+    ServeConfig {
+        resolver: settings.clone(),
+        cache,
+        admission: admission_settings(),
+        http: HttpLimits::default(),
+        resolver_listen: "127.0.0.1:0".parse().expect("addr"),
+        max_batch: 10,
+        resolver_allowed_registries: Vec::new(),
+        webhook: None,
+        mirror: None,
+        registration: None,
+    }
+}
+
+/// The resolver endpoint: `serve` run in process, on a loopback port.
 #[derive(Debug)]
 pub struct Endpoint {
     pub base: String,
     pub cache: CachedResolver,
     pub metrics: Arc<Metrics>,
-    pub shutdown: tokio_util::sync::CancellationToken,
+    pub running: fn_image_resolver::app::Running,
 }
 
 impl Endpoint {
     pub async fn start(settings: &ResolverSettings, cache: CacheSettings) -> Self {
-        let (cache, metrics) = cached(settings, cache);
-        let readiness = Arc::new(Readiness::default());
-        readiness.set("resolver", Ok(()));
-        let state = Arc::new(AppState {
-            admitter: fn_image_resolver::admission::Admitter::new(
-                cache.clone(),
-                admission_settings(),
-            ),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-            readiness,
-            max_batch: 10,
-            allowed_registries: Vec::new(),
-        });
-        let port = common::free_port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(fn_image_resolver::server::serve_loopback(
-            addr,
-            fn_image_resolver::server::router(state),
-            fn_image_resolver::server::HttpLimits::default(),
-            shutdown.clone(),
-        ));
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        common::init_crypto();
+        let running = fn_image_resolver::app::start(serve_config(settings, cache))
+            .await
+            .expect("serve starts");
         Self {
-            base: format!("http://{addr}"),
-            cache,
-            metrics,
-            shutdown,
+            base: format!("http://{}", running.resolver_addr),
+            cache: running.cache.clone(),
+            metrics: running.metrics.clone(),
+            running,
         }
     }
 
@@ -167,12 +160,6 @@ impl Endpoint {
         let mut url = url::Url::parse(&format!("{}/v1/resolve", self.base)).expect("url");
         url.query_pairs_mut().append_pair("image", image);
         url.to_string()
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 

@@ -270,10 +270,11 @@ async fn conflict_webhook(conflicts: Arc<Conflicts>) -> (u16, String, tempfile::
             }
         }),
     );
-    let port = crate::common::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let listener = fn_image_resolver::server::Listener::bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let port = listener.local_addr().port();
     tokio::spawn(fn_image_resolver::server::serve_tls(
-        addr,
+        listener,
         app,
         cert,
         fn_image_resolver::server::HttpLimits::default(),

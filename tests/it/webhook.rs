@@ -7,10 +7,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use fn_image_resolver::admission::mutate::{ORIGINAL_IMAGES_ANNOTATION, UNPINNED_ANNOTATION};
 use fn_image_resolver::admission::{AdmissionSettings, Admitter, FailureMode};
+use fn_image_resolver::app::{Callers, WebhookConfig};
 use fn_image_resolver::cache::CacheSettings;
 use fn_image_resolver::registry::ResolverSettings;
-use fn_image_resolver::server::tls::ReloadingCert;
-use fn_image_resolver::server::{AppState, Readiness};
 use serde_json::{Value, json};
 
 use crate::common::proxy::{Fault, Kind};
@@ -23,19 +22,13 @@ fn review(registry: &str) -> Value {
     serde_json::from_str(&crate::common::function_pod_review(registry, registry)).expect("fixture")
 }
 
-/// The webhook served in-process over HTTPS with a generated CA.
+/// `serve` in process with the webhook on HTTPS (a generated CA) and the
+/// resolver on it for holders of `RESOLVER_TOKEN`.
 struct Webhook {
     base: String,
     client: reqwest::Client,
     certs: tempfile::TempDir,
-    metrics: Arc<fn_image_resolver::metrics::Metrics>,
-    shutdown: tokio_util::sync::CancellationToken,
-}
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+    running: fn_image_resolver::app::Running,
 }
 
 async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webhook {
@@ -45,65 +38,40 @@ async fn webhook(settings: &ResolverSettings, failure_mode: FailureMode) -> Webh
 }
 
 async fn webhook_with(settings: &ResolverSettings, admission: AdmissionSettings) -> Webhook {
+    crate::common::init_crypto();
     let certs = tempfile::tempdir().expect("tempdir");
     let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
     fn_image_resolver::certs::write_bundle(certs.path(), &names, false).expect("certs");
-    let cert = ReloadingCert::load(certs.path().join("tls.crt"), certs.path().join("tls.key"))
-        .expect("load");
     std::fs::write(
         certs.path().join("tokens"),
         format!("# callers\n{RESOLVER_TOKEN},function-runner\n"),
     )
     .expect("tokens");
-    let tokens = fn_image_resolver::server::auth::Tokens::load(&certs.path().join("tokens"))
-        .expect("tokens");
-    let (cache, metrics) = cached(settings, CacheSettings::default());
-    let state = Arc::new(AppState {
-        admitter: Admitter::new(cache.clone(), admission).with_metrics(metrics.clone()),
-        cache,
-        metrics: metrics.clone(),
-        readiness: Arc::new(Readiness::default()),
-        max_batch: 10,
-        allowed_registries: Vec::new(),
+    let mut config = crate::serve_config(settings, CacheSettings::default());
+    config.admission = admission;
+    config.http.drain = Duration::from_secs(5);
+    config.webhook = Some(WebhookConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        cert_file: certs.path().join("tls.crt"),
+        key_file: certs.path().join("tls.key"),
+        callers: Callers::TokenFile(certs.path().join("tokens")),
     });
-    let port = crate::common::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(cert.clone().watch(shutdown.clone()));
-    tokio::spawn(fn_image_resolver::server::serve_tls(
-        addr,
-        fn_image_resolver::server::webhook_router(
-            state,
-            Some(fn_image_resolver::server::auth::Authenticator::Tokens(
-                tokens,
-            )),
-        ),
-        cert,
-        fn_image_resolver::server::HttpLimits {
-            drain: Duration::from_secs(5),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = fn_image_resolver::app::start(config)
+        .await
+        .expect("serve starts");
+    let addr = running.webhook_addr.expect("the webhook listens");
     let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
     Webhook {
-        base: format!("https://127.0.0.1:{port}"),
+        base: format!("https://{addr}"),
         client: client_trusting(&ca),
         certs,
-        metrics,
-        shutdown,
+        running,
     }
 }
 
 impl Webhook {
     fn metrics(&self) -> Arc<fn_image_resolver::metrics::Metrics> {
-        self.metrics.clone()
+        self.running.metrics.clone()
     }
 
     async fn post(&self, body: &Value, query: &str) -> (u16, Value) {

@@ -1,17 +1,67 @@
-//! Command-line flags. Every flag can also be set from an environment variable
-//! (`FN_IMAGE_RESOLVER_` + the flag name in upper snake case); the seed flags
-//! keep their exact names, aliases and defaults.
+//! Command-line flags, and the plain settings they make. Every flag can also
+//! be set from an environment variable (`FN_IMAGE_RESOLVER_` + the flag name
+//! in upper snake case); the seed flags keep their exact names, aliases and
+//! defaults.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, PossibleValue};
 use clap::{Args, ValueEnum};
 
 use crate::admission::FailureMode;
 use crate::cache::CacheSettings;
+use crate::registration::{FailurePolicy, RegistrationConfig};
 use crate::registry::{Platform, ResolverSettings};
+use crate::telemetry::LogFormat;
+
+// The domain's enums as flag values: clap stays in this module.
+
+impl ValueEnum for FailureMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Open, Self::Closed]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Open => PossibleValue::new("open").help(
+                "deny only a pod that cannot be right; admit unresolvable containers as written",
+            ),
+            Self::Closed => {
+                PossibleValue::new("closed").help("deny any pod with an image it cannot pin")
+            }
+        })
+    }
+}
+
+impl ValueEnum for FailurePolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Ignore, Self::Fail]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Ignore => PossibleValue::new("ignore")
+                .help("the API server admits the pod unchanged when the webhook cannot be reached"),
+            Self::Fail => PossibleValue::new("fail")
+                .help("the API server refuses the pod when the webhook cannot be reached"),
+        })
+    }
+}
+
+impl ValueEnum for LogFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Text, Self::Json]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }))
+    }
+}
 
 /// Registry access: shared by `resolve` and `serve`.
 #[derive(Debug, Clone, Args)]
@@ -57,15 +107,6 @@ pub struct RegistryArgs {
         value_name = "DIR"
     )]
     pub tls_secret_path: PathBuf,
-
-    /// Namespace where function pods run and the pull secret is mirrored.
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
-        default_value = "porch-fn-system",
-        value_name = "NAMESPACE"
-    )]
-    pub pod_namespace: String,
 
     /// Prefix for bare function names: `set-namespace:v0.4` means
     /// `<prefix>set-namespace:v0.4`.
@@ -233,6 +274,30 @@ pub struct ServerArgs {
     pub request_timeout: Duration,
 }
 
+/// Where function pods are: shared by `serve` and `register`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Function pods")]
+pub struct PodArgs {
+    /// Namespace where function pods run and the pull secret is mirrored.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
+        default_value = "porch-fn-system",
+        value_name = "NAMESPACE"
+    )]
+    pub pod_namespace: String,
+
+    /// Only pods carrying this label are sent to the webhook (objectSelector
+    /// `Exists`) and mutated; Porch labels every function pod with it.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_FUNCTION_POD_LABEL",
+        default_value = "fn.kpt.dev/image",
+        value_name = "KEY"
+    )]
+    pub function_pod_label: String,
+}
+
 impl ServerArgs {
     pub fn limits(&self) -> crate::server::HttpLimits {
         crate::server::HttpLimits {
@@ -240,6 +305,82 @@ impl ServerArgs {
             request_timeout: self.request_timeout,
             drain: self.shutdown_timeout,
             delay: self.shutdown_delay,
+        }
+    }
+}
+
+/// Registration flags (used by `register` and `serve --register-webhook`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Webhook registration")]
+pub struct RegistrationArgs {
+    /// Name of the MutatingWebhookConfiguration (and of its webhook entry, with a suffix).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_WEBHOOK_NAME",
+        default_value = "fn-image-resolver"
+    )]
+    pub webhook_name: String,
+
+    /// Service the API server calls (ignored with --webhook-url).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE",
+        default_value = "fn-image-resolver"
+    )]
+    pub webhook_service: String,
+
+    /// Namespace of that Service, where fn-image-resolver runs. Never matched by the webhook.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE_NAMESPACE",
+        default_value = "porch-system"
+    )]
+    pub webhook_service_namespace: String,
+
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_WEBHOOK_SERVICE_PORT",
+        default_value_t = 443
+    )]
+    pub webhook_service_port: i32,
+
+    /// Call this URL instead of a Service (e.g. https://127.0.0.1:8443/mutate out of cluster).
+    #[arg(long, env = "FN_IMAGE_RESOLVER_WEBHOOK_URL", value_name = "URL")]
+    pub webhook_url: Option<String>,
+
+    /// PEM CA bundle the API server verifies the webhook with (e.g. ca.crt from `certs`).
+    #[arg(long, env = "FN_IMAGE_RESOLVER_CA_BUNDLE_FILE", value_name = "FILE")]
+    pub ca_bundle_file: Option<PathBuf>,
+
+    /// Seconds the API server waits for the webhook (1-30); it passes this as ?timeout=.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_WEBHOOK_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(1..=30))]
+    pub webhook_timeout: i32,
+
+    /// What the API server does when the webhook cannot be reached.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_FAILURE_POLICY",
+        value_enum,
+        default_value = "ignore"
+    )]
+    pub failure_policy: FailurePolicy,
+}
+
+impl RegistrationArgs {
+    /// The registration for function pods as `pods` says.
+    pub fn config(&self, pods: &PodArgs) -> RegistrationConfig {
+        RegistrationConfig {
+            webhook_name: self.webhook_name.clone(),
+            service: self.webhook_service.clone(),
+            service_namespace: self.webhook_service_namespace.clone(),
+            service_port: self.webhook_service_port,
+            url: self.webhook_url.clone(),
+            ca_bundle_file: self.ca_bundle_file.clone(),
+            timeout_seconds: self.webhook_timeout,
+            failure_policy: self.failure_policy,
+            pod_namespace: pods.pod_namespace.clone(),
+            function_label: pods.function_pod_label.clone(),
         }
     }
 }
@@ -345,12 +486,6 @@ pub struct WebhookArgs {
     pub admission_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Logging: shared by every subcommand.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Logging")]
@@ -400,7 +535,6 @@ mod tests {
         );
         assert_eq!(r.registry_auth_secret_name, "auth-secret");
         assert_eq!(r.tls_secret_path, PathBuf::from("/var/tmp/tls-secret/"));
-        assert_eq!(r.pod_namespace, "porch-fn-system");
         assert_eq!(r.platform.to_string(), "linux/amd64");
         assert_eq!(
             r.default_image_prefix,

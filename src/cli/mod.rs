@@ -1,4 +1,7 @@
-//! Subcommands. `main.rs` only calls [`run`].
+//! Subcommands. `main.rs` only calls [`run`]; the flags and the plain
+//! settings they make are in [`flags`].
+
+pub mod flags;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -7,8 +10,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use self::flags::{
+    CacheArgs, LogArgs, PodArgs, RegistrationArgs, RegistryArgs, ServerArgs, WebhookArgs,
+};
+use crate::app::{Callers, ServeConfig, WebhookConfig};
 use crate::cache::{CacheSettings, CachedResolver};
-use crate::config::{CacheArgs, LogArgs, RegistryArgs, ServerArgs, WebhookArgs};
 use crate::metrics::Metrics;
 use crate::registry::{Resolution, Resolver};
 
@@ -52,14 +58,9 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RegisterArgs {
     #[command(flatten)]
-    pub registration: crate::registration::RegistrationArgs,
-    /// Namespace of the function pods the webhook mutates.
-    #[arg(
-        long,
-        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
-        default_value = "porch-fn-system"
-    )]
-    pub pod_namespace: String,
+    pub registration: RegistrationArgs,
+    #[command(flatten)]
+    pub pods: PodArgs,
     /// Print the object as JSON (valid YAML for kubectl) instead of applying it.
     #[arg(long)]
     pub print: bool,
@@ -69,6 +70,8 @@ pub struct RegisterArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub pods: PodArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
     #[command(flatten)]
@@ -82,7 +85,59 @@ pub struct ServeArgs {
           value_name = "BOOL", help_heading = "Webhook registration")]
     pub register_webhook: bool,
     #[command(flatten)]
-    pub registration: crate::registration::RegistrationArgs,
+    pub registration: RegistrationArgs,
+}
+
+impl ServeArgs {
+    /// The plain configuration of `serve` these flags make.
+    pub fn config(&self) -> anyhow::Result<ServeConfig> {
+        let resolver = self.registry.resolver_settings();
+        let webhook = match (&self.webhook.tls_cert_file, &self.webhook.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(WebhookConfig {
+                listen: self.webhook.listen,
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                callers: match &self.webhook.resolver_token_file {
+                    Some(path) => Callers::TokenFile(path.clone()),
+                    None if self.webhook.resolver_token_review => Callers::TokenReview {
+                        allowed_subjects: self.webhook.resolver_allowed_subjects.clone(),
+                    },
+                    None => Callers::Nobody,
+                },
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
+        };
+        let mirror = (resolver.private_registries && self.webhook.mirror_secret).then(|| {
+            crate::secrets::MirrorSettings {
+                source: self.registry.registry_auth_secret_path.clone(),
+                name: self.registry.registry_auth_secret_name.clone(),
+                namespace: self.pods.pod_namespace.clone(),
+                resync: self.webhook.secret_resync_interval,
+            }
+        });
+        Ok(ServeConfig {
+            admission: crate::admission::AdmissionSettings {
+                namespace: self.pods.pod_namespace.clone(),
+                function_label: self.pods.function_pod_label.clone(),
+                pull_secret: self.registry.registry_auth_secret_name.clone(),
+                failure_mode: self.webhook.failure_mode,
+                pin_function_image: self.webhook.pin_function_image,
+                default_timeout: self.webhook.admission_timeout,
+            },
+            resolver,
+            cache: self.cache.settings(),
+            http: self.server.limits(),
+            resolver_listen: self.server.resolver_listen,
+            max_batch: self.server.max_batch,
+            resolver_allowed_registries: self.server.resolver_allowed_registries.clone(),
+            webhook,
+            mirror,
+            registration: self
+                .register_webhook
+                .then(|| self.registration.config(&self.pods)),
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,7 +171,7 @@ pub struct ResolveArgs {
 /// Parses the command line, runs the subcommand, and turns errors into an exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = crate::telemetry::init_logging(&cli.log) {
+    if let Err(e) = crate::telemetry::init_logging(cli.log.log_format, &cli.log.log_level) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
@@ -134,7 +189,9 @@ pub fn run() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Resolve(args) => resolve(args).await,
-            Command::Serve(args) => crate::server::run(*args).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve(args) => crate::app::serve(args.config()?)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Certs(args) => certs(&args).map(|()| ExitCode::SUCCESS),
             Command::Register(args) => register(&args).await.map(|()| ExitCode::SUCCESS),
             Command::Check { url } => check(&url).await,
@@ -204,14 +261,12 @@ fn certs(args: &CertsArgs) -> anyhow::Result<()> {
 }
 
 async fn register(args: &RegisterArgs) -> anyhow::Result<()> {
-    let config = crate::registration::build(&args.registration, &args.pod_namespace)?;
+    let config = crate::registration::build(&args.registration.config(&args.pods))?;
     if args.print {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
-    let client = crate::registration::kube_client()
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let client = crate::cluster::client().await.map_err(anyhow::Error::msg)?;
     crate::registration::apply(client, &config).await?;
     eprintln!(
         "applied MutatingWebhookConfiguration {}",
