@@ -3,7 +3,7 @@
 //! a realm.
 #![no_main]
 
-use fn_image_resolver::registry::auth::Challenge;
+use fn_image_resolver::registry::challenge::Challenge;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|header: &str| {

@@ -1,12 +1,14 @@
 //! Image reference → digest and entrypoint, from the registry.
 
-pub mod auth;
+pub mod challenge;
 pub mod client;
+pub mod docker_config;
 pub mod error;
 pub mod grammar;
 pub mod manifest;
 pub mod reference;
 pub mod tls;
+pub mod tokens;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -18,8 +20,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{info, warn};
 
-pub use self::auth::{Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential};
 use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
+pub use self::docker_config::{
+    Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential,
+};
 pub use self::error::{ErrorKind, RegistryError, ResolveError};
 pub use self::manifest::{Digest, Platform, PlatformError};
 use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};

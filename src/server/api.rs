@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::routes::AppState;
+use super::state::AppState;
 use crate::cache::CacheStatus;
 use crate::registry::{ErrorKind, Platform, Resolution, ResolveError};
 

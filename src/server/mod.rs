@@ -6,8 +6,10 @@ mod api;
 pub mod auth;
 mod listener;
 mod routes;
+mod state;
 pub mod tls;
 
 pub use api::{ApiError, error_json, status_of};
 pub use listener::{HttpLimits, Listener, ServeError, serve_loopback, serve_tls};
-pub use routes::{AppState, router, webhook_router};
+pub use routes::{router, webhook_router};
+pub use state::AppState;

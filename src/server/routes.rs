@@ -14,21 +14,7 @@ use axum::routing::get;
 
 use super::api::{self, ApiError};
 use super::auth;
-use crate::cache::CachedResolver;
-use crate::health::Readiness;
-use crate::metrics::Metrics;
-
-/// What every handler can reach.
-#[derive(Debug)]
-pub struct AppState {
-    pub admitter: crate::admission::Admitter,
-    pub cache: CachedResolver,
-    pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
-    pub max_batch: usize,
-    /// Normalized registry hosts `/v1/resolve` may ask; empty: any.
-    pub allowed_registries: Vec<String>,
-}
+use super::state::AppState;
 
 /// Largest request body accepted (a batch of image references).
 const MAX_BODY_BYTES: usize = 256 * 1024;

@@ -10,6 +10,7 @@ mod cli;
 mod credential_markers;
 mod e2e;
 mod hardening;
+mod layers;
 mod mirror;
 pub mod resolve_auth;
 mod resolve_plain;

@@ -1,0 +1,281 @@
+//! A small OCI distribution client: just the reads a resolver needs.
+//!
+//! Written on reqwest instead of using `oci-client` because this product needs
+//! what that client keeps to itself: the status and headers of every response
+//! (429 `Retry-After`, typed not-found vs unauthorized), one shared client for
+//! all credentials, authentication driven by the challenge of the request we
+//! actually need (oci-client pings `/v2/` before every first pull of a
+//! repository), tokens shared across concurrent requests, the seed's
+//! TLS → system roots → plain HTTP ladder per host, and hard size limits on
+//! what we read. See the README's design section.
+//!
+//! Here: the client and its three reads; [`transport`] climbs the TLS ladder
+//! and answers challenges, [`token`] talks to token servers, [`response`]
+//! turns statuses and bodies into typed errors within read limits.
+
+mod response;
+mod token;
+mod transport;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, header};
+use rustls::RootCertStore;
+
+use self::response::{check_status, header_str, read_limited};
+use self::transport::{Rung, redirect_policy};
+use super::docker_config::Credential;
+use super::error::RegistryError;
+use super::reference::normalize_host;
+use super::tokens::AuthCache;
+
+/// Every manifest type we understand, so distribution 2.8 never answers 404 for
+/// a type we did not ask for.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+const USER_AGENT: &str = concat!("fn-image-resolver/", env!("CARGO_PKG_VERSION"));
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// CA from `--tls-secret-path`, when `--enable-private-registries-tls` is on.
+    pub mounted_ca: Option<RootCertStore>,
+    /// System trust store (`None` when the machine has none).
+    pub system_roots: Option<RootCertStore>,
+    /// Normalized hosts that may be reached over plain HTTP (last ladder step).
+    pub insecure_hosts: HashSet<String>,
+    pub connect_timeout: Duration,
+    /// Limit for one HTTP exchange (headers and body).
+    pub request_timeout: Duration,
+    pub max_manifest_bytes: usize,
+    pub max_config_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            mounted_ca: None,
+            system_roots: None,
+            insecure_hosts: HashSet::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_config_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which repository on which registry, with which credential.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Host the API is served from (`registry-1.docker.io` for Docker Hub).
+    pub host: &'a str,
+    /// Normalized registry name, for messages and for `--insecure-registry`.
+    pub registry: &'a str,
+    pub repository: &'a str,
+    pub credential: Option<&'a Credential>,
+}
+
+/// A manifest as served.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    /// `Docker-Content-Digest`, when the registry sent one.
+    pub digest_header: Option<String>,
+}
+
+/// What a registry request cost, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    Manifest,
+    ManifestHead,
+    Blob,
+    Token,
+}
+
+impl RequestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manifest => "manifest",
+            Self::ManifestHead => "manifest_head",
+            Self::Blob => "blob",
+            Self::Token => "token",
+        }
+    }
+}
+
+/// Receives one call per HTTP request sent to a registry or token server.
+pub trait RequestObserver: Send + Sync + std::fmt::Debug {
+    /// `status` is `None` when no response arrived.
+    fn observe(&self, registry: &str, kind: RequestKind, status: Option<u16>, elapsed: Duration);
+
+    /// A registry announced its pull limit (`RateLimit-Limit`,
+    /// `RateLimit-Remaining`, as Docker Hub sends them).
+    fn rate_limit(&self, _registry: &str, _limit: Option<u64>, _remaining: Option<u64>) {}
+}
+
+/// The count in a rate-limit header: `100;w=21600` → 100. Also accepts the
+/// `X-RateLimit-*` spelling some registries use.
+fn rate_limit_header(headers: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
+    [name.to_string(), format!("x-{name}")]
+        .iter()
+        .find_map(|n| headers.get(n.as_str()))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The client. Cheap to share behind an `Arc`; connections are pooled per rung.
+#[derive(Debug)]
+pub struct RegistryClient {
+    mounted_ca: Option<reqwest::Client>,
+    system: reqwest::Client,
+    /// Trusts mounted CA and system roots: token servers may sit on either.
+    token: reqwest::Client,
+    insecure: HashSet<String>,
+    /// The rung that last worked per host, so the ladder is climbed once.
+    rungs: Mutex<HashMap<String, Rung>>,
+    auth: AuthCache,
+    max_manifest_bytes: usize,
+    max_config_bytes: usize,
+    request_timeout: Duration,
+    observer: Option<Arc<dyn RequestObserver>>,
+}
+
+impl RegistryClient {
+    pub fn new(options: ClientOptions) -> Result<Self, reqwest::Error> {
+        let build = |roots: RootCertStore| {
+            reqwest::Client::builder()
+                .use_preconfigured_tls(super::tls::client_config(roots).as_ref().clone())
+                .user_agent(USER_AGENT)
+                .connect_timeout(options.connect_timeout)
+                .timeout(options.request_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .redirect(redirect_policy())
+                .build()
+        };
+        let system_roots = options
+            .system_roots
+            .clone()
+            .unwrap_or_else(RootCertStore::empty);
+        let mut combined = system_roots.clone();
+        if let Some(ca) = &options.mounted_ca {
+            combined.roots.extend(ca.roots.iter().cloned());
+        }
+        Ok(Self {
+            mounted_ca: options.mounted_ca.clone().map(build).transpose()?,
+            system: build(system_roots)?,
+            token: build(combined)?,
+            insecure: options
+                .insecure_hosts
+                .iter()
+                .map(|h| normalize_host(h))
+                .collect(),
+            rungs: Mutex::new(HashMap::new()),
+            auth: AuthCache::default(),
+            max_manifest_bytes: options.max_manifest_bytes,
+            max_config_bytes: options.max_config_bytes,
+            request_timeout: options.request_timeout,
+            observer: None,
+        })
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Is `registry` allowed over plain HTTP (`--insecure-registry`)?
+    pub fn is_insecure(&self, registry: &str) -> bool {
+        self.insecure.contains(&normalize_host(registry))
+    }
+
+    /// GET a manifest (by tag or digest).
+    pub async fn get_manifest(
+        &self,
+        target: &Target<'_>,
+        reference: &str,
+    ) -> Result<Manifest, RegistryError> {
+        let path = format!("/v2/{}/manifests/{reference}", target.repository);
+        let what = format!("manifest {}:{reference}", target.repository);
+        let resp = self
+            .send(target, Method::GET, &path, RequestKind::Manifest, &what)
+            .await?;
+        let resp = check_status(resp, target, &what).await?;
+        let content_type = header_str(&resp, header::CONTENT_TYPE);
+        let digest_header = header_str(&resp, "docker-content-digest");
+        let body = read_limited(
+            resp,
+            self.max_manifest_bytes,
+            self.request_timeout,
+            target,
+            &what,
+        )
+        .await?;
+        Ok(Manifest {
+            body,
+            content_type,
+            digest_header,
+        })
+    }
+
+    /// HEAD a manifest: its digest without its body (Docker Hub does not count
+    /// HEADs against pull limits). `None` when the registry sent no digest.
+    pub async fn head_manifest(
+        &self,
+        target: &Target<'_>,
+        reference: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let path = format!("/v2/{}/manifests/{reference}", target.repository);
+        let what = format!("manifest {}:{reference}", target.repository);
+        let resp = self
+            .send(
+                target,
+                Method::HEAD,
+                &path,
+                RequestKind::ManifestHead,
+                &what,
+            )
+            .await?;
+        let resp = check_status(resp, target, &what).await?;
+        Ok(header_str(&resp, "docker-content-digest"))
+    }
+
+    /// GET a config blob, at most `max_config_bytes`.
+    pub async fn get_config_blob(
+        &self,
+        target: &Target<'_>,
+        digest: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let path = format!("/v2/{}/blobs/{digest}", target.repository);
+        let what = format!("config blob {digest}");
+        let resp = self
+            .send(target, Method::GET, &path, RequestKind::Blob, &what)
+            .await?;
+        let resp = check_status(resp, target, &what).await?;
+        read_limited(
+            resp,
+            self.max_config_bytes,
+            self.request_timeout,
+            target,
+            &what,
+        )
+        .await
+    }
+
+    fn observe(&self, registry: &str, kind: RequestKind, status: Option<u16>, started: Instant) {
+        if let Some(o) = &self.observer {
+            o.observe(registry, kind, status, started.elapsed());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

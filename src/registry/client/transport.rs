@@ -1,0 +1,230 @@
+//! The seed's connection ladder per host (mounted CA, then the system
+//! roots, then plain HTTP for `--insecure-registry` hosts), the 401
+//! challenge and answer, and the redirect policy.
+
+use std::time::Instant;
+
+use reqwest::{Method, StatusCode, header};
+use tracing::{debug, warn};
+
+use super::response::classify;
+use super::{MANIFEST_ACCEPT, RegistryClient, RequestKind, Target, lock, rate_limit_header};
+use crate::registry::challenge::Challenge;
+use crate::registry::docker_config::Credential;
+use crate::registry::error::RegistryError;
+use crate::registry::tokens::HostAuth;
+
+/// One step of the seed's connection ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rung {
+    MountedCa,
+    SystemRoots,
+    PlainHttp,
+}
+
+impl Rung {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::MountedCa => "the mounted CA",
+            Self::SystemRoots => "the system roots",
+            Self::PlainHttp => "plain HTTP",
+        }
+    }
+}
+
+/// Failure of one attempt, before deciding whether the ladder goes on.
+pub(super) enum Attempt {
+    /// The TLS handshake failed: the next rung may work.
+    Tls(String),
+    Failed(RegistryError),
+}
+
+impl RegistryClient {
+    fn ladder(&self, target: &Target<'_>) -> Vec<Rung> {
+        let mut ladder = Vec::with_capacity(3);
+        if self.mounted_ca.is_some() {
+            ladder.push(Rung::MountedCa);
+        }
+        ladder.push(Rung::SystemRoots);
+        if self.is_insecure(target.registry) {
+            ladder.push(Rung::PlainHttp);
+        }
+        // Start where the last success was; earlier rungs failed before.
+        if let Some(known) = lock(&self.rungs).get(target.host)
+            && let Some(pos) = ladder.iter().position(|r| r == known)
+        {
+            ladder.drain(..pos);
+        }
+        ladder
+    }
+
+    /// Sends a request up the TLS ladder: only a failed TLS handshake moves to
+    /// the next rung; not-found, auth failures and timeouts end it at once.
+    pub(super) async fn send(
+        &self,
+        target: &Target<'_>,
+        method: Method,
+        path: &str,
+        kind: RequestKind,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let ladder = self.ladder(target);
+        let mut last_tls = String::new();
+        for (i, rung) in ladder.iter().copied().enumerate() {
+            let mut attempt = self.send_on(rung, target, &method, path, kind).await;
+            // A pooled keep-alive connection the registry closed (restart,
+            // idle timeout) fails the first request on it; our requests are
+            // idempotent reads, so one retry goes out on a fresh connection.
+            if matches!(
+                attempt,
+                Err(Attempt::Failed(RegistryError::Unreachable { .. }))
+            ) {
+                debug!(
+                    registry = target.registry,
+                    "connection failed; retrying once on a new connection"
+                );
+                attempt = self.send_on(rung, target, &method, path, kind).await;
+            }
+            match attempt {
+                Ok(resp) => {
+                    let previous = lock(&self.rungs).insert(target.host.to_string(), rung);
+                    // Loud, but once per host rather than once per request.
+                    if rung == Rung::PlainHttp && previous != Some(Rung::PlainHttp) {
+                        warn!(
+                            registry = target.registry,
+                            "using plain HTTP for an --insecure-registry host; credentials and images are not protected in transit"
+                        );
+                    }
+                    return Ok(resp);
+                }
+                Err(Attempt::Tls(detail)) => {
+                    lock(&self.rungs).remove(target.host);
+                    if let Some(next) = ladder.get(i + 1) {
+                        warn!(registry = target.registry, error = %detail, "TLS with {} failed; trying {}", rung.describe(), next.describe());
+                    }
+                    last_tls = format!(
+                        "{detail} (tried {})",
+                        ladder
+                            .iter()
+                            .map(|r| r.describe())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                Err(Attempt::Failed(e)) => {
+                    debug!(registry = target.registry, what, error = %e, "registry request failed");
+                    return Err(e);
+                }
+            }
+        }
+        Err(RegistryError::Tls {
+            registry: target.registry.to_string(),
+            detail: last_tls,
+        })
+    }
+
+    async fn send_on(
+        &self,
+        rung: Rung,
+        target: &Target<'_>,
+        method: &Method,
+        path: &str,
+        kind: RequestKind,
+    ) -> Result<reqwest::Response, Attempt> {
+        let (client, scheme) = match rung {
+            Rung::MountedCa => match &self.mounted_ca {
+                Some(c) => (c, "https"),
+                None => (&self.system, "https"),
+            },
+            Rung::SystemRoots => (&self.system, "https"),
+            Rung::PlainHttp => (&self.system, "http"),
+        };
+        let url = format!("{scheme}://{}{path}", target.host);
+        let scope = format!("repository:{}:pull", target.repository);
+        let mut authorization = self
+            .authorization(target, &scope)
+            .await
+            .map_err(Attempt::Failed)?;
+        let mut retried = false;
+        loop {
+            let mut request = client
+                .request(method.clone(), &url)
+                .header(header::ACCEPT, MANIFEST_ACCEPT);
+            if let Some(value) = &authorization {
+                request = request.header(header::AUTHORIZATION, value.as_str());
+            }
+            let started = Instant::now();
+            let result = request.send().await;
+            self.observe(
+                target.registry,
+                kind,
+                result.as_ref().ok().map(|r| r.status().as_u16()),
+                started,
+            );
+            let resp = result.map_err(|e| classify(e, target.registry, self.request_timeout))?;
+            if let Some(o) = &self.observer {
+                let limit = rate_limit_header(resp.headers(), "ratelimit-limit");
+                let remaining = rate_limit_header(resp.headers(), "ratelimit-remaining");
+                if limit.is_some() || remaining.is_some() {
+                    o.rate_limit(target.registry, limit, remaining);
+                }
+            }
+            if resp.status() != StatusCode::UNAUTHORIZED || retried {
+                return Ok(resp);
+            }
+            retried = true;
+            let challenge = resp
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(Challenge::parse);
+            match challenge {
+                Some(Challenge::Bearer {
+                    realm,
+                    service,
+                    scope: asked,
+                }) => {
+                    let scope = asked.unwrap_or(scope.clone());
+                    self.auth.remember_host(
+                        target.host,
+                        HostAuth::Bearer {
+                            realm: realm.clone(),
+                            service: service.clone(),
+                        },
+                    );
+                    let cred_id = target.credential.map(Credential::identity);
+                    self.auth.forget_token(target.host, &scope, cred_id);
+                    let token = self
+                        .fetch_token(target, &realm, service.as_deref(), &scope)
+                        .await
+                        .map_err(Attempt::Failed)?;
+                    authorization = Some(format!("Bearer {token}"));
+                }
+                Some(Challenge::Basic) => {
+                    self.auth.remember_host(target.host, HostAuth::Basic);
+                    match target.credential.and_then(Credential::basic_header) {
+                        Some(basic) if authorization.is_none() => authorization = Some(basic),
+                        _ => return Ok(resp),
+                    }
+                }
+                None => return Ok(resp),
+            }
+        }
+    }
+}
+
+/// Follows at most five redirects and never from HTTPS down to plain HTTP.
+/// (reqwest already drops `Authorization` when a redirect changes host.)
+pub(super) fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            attempt.error("refusing a redirect from HTTPS to plain HTTP")
+        } else if attempt.previous().len() >= 5 {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
