@@ -60,8 +60,47 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.0, 15))
 }
 
+/// How many registry hosts seen at run time get label values of their own;
+/// the rest share [`OTHER_REGISTRY`], so that callers naming arbitrary hosts
+/// cannot grow the metrics without bound.
+pub const MAX_REGISTRY_LABELS: usize = 32;
+/// The label value of every registry host past the limit.
+pub const OTHER_REGISTRY: &str = "other";
+
+/// Registry hosts as label values: the configured ones always, then the
+/// first [`MAX_REGISTRY_LABELS`] others seen.
+#[derive(Debug, Default)]
+struct RegistryNames {
+    configured: std::sync::RwLock<std::collections::HashSet<String>>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl RegistryNames {
+    fn label(&self, host: &str) -> String {
+        let configured = self
+            .configured
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if configured.contains(host) {
+            return host.to_string();
+        }
+        drop(configured);
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(host) || seen.len() < MAX_REGISTRY_LABELS {
+            seen.insert(host.to_string());
+            host.to_string()
+        } else {
+            OTHER_REGISTRY.to_string()
+        }
+    }
+}
+
 /// All metrics of the process.
 pub struct Metrics {
+    registry_names: RegistryNames,
     registry: Registry,
     lookups: Family<ResultLabel, Counter>,
     revalidations: Family<ResultLabel, Counter>,
@@ -74,6 +113,7 @@ pub struct Metrics {
     admission: Family<ResultLabel, Counter>,
     admission_unpinned: Family<ReasonLabel, Counter>,
     admission_entrypoints_replaced: Counter,
+    token_reviews: Family<ResultLabel, Counter>,
     secret_syncs: Family<ResultLabel, Counter>,
     secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     secret_propagation: Histogram,
@@ -161,6 +201,12 @@ impl Metrics {
             "Containers admitted with their image as written because it could not be resolved, by reason (an error kind, or deadline)",
             admission_unpinned.clone(),
         );
+        let token_reviews = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "token_reviews",
+            "Callers of the HTTPS resolver checked with a TokenReview, by result (allowed, forbidden, unauthenticated, busy, error); cached verdicts are not counted",
+            token_reviews.clone(),
+        );
         let admission_entrypoints_replaced = Counter::default();
         registry.register(
             "admission_entrypoints_replaced",
@@ -215,6 +261,7 @@ impl Metrics {
             })
         };
         Arc::new(Self {
+            registry_names: RegistryNames::default(),
             hit: handle("hit"),
             miss: handle("miss"),
             stale: handle("stale"),
@@ -231,6 +278,7 @@ impl Metrics {
             admission,
             admission_unpinned,
             admission_entrypoints_replaced,
+            token_reviews,
             secret_syncs,
             secret_last_success,
             secret_propagation,
@@ -299,6 +347,14 @@ impl Metrics {
             .inc();
     }
 
+    pub fn token_review(&self, result: &'static str) {
+        self.token_reviews
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
     pub fn admission_entrypoint_replaced(&self) {
         self.admission_entrypoints_replaced.inc();
     }
@@ -325,6 +381,17 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
+    /// Registry hosts that always get label values of their own: those of
+    /// the Docker config, the default image prefix and the resolver's
+    /// allowlist (normalized).
+    pub fn configure_registries<I: IntoIterator<Item = String>>(&self, hosts: I) {
+        self.registry_names
+            .configured
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(hosts);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -335,16 +402,17 @@ impl Metrics {
 
 impl RequestObserver for Metrics {
     fn observe(&self, registry: &str, kind: RequestKind, status: Option<u16>, elapsed: Duration) {
+        let registry = self.registry_names.label(registry);
         self.registry_requests
             .get_or_create(&RegistryLabels {
-                registry: registry.to_string(),
+                registry: registry.clone(),
                 kind: kind.as_str().to_string(),
                 status: status.map_or_else(|| "error".to_string(), |s| s.to_string()),
             })
             .inc();
         self.registry_latency
             .get_or_create(&KindLabels {
-                registry: registry.to_string(),
+                registry,
                 kind: kind.as_str().to_string(),
             })
             .observe(elapsed.as_secs_f64());
@@ -352,7 +420,7 @@ impl RequestObserver for Metrics {
 
     fn rate_limit(&self, registry: &str, limit: Option<u64>, remaining: Option<u64>) {
         let label = HostLabel {
-            registry: registry.to_string(),
+            registry: self.registry_names.label(registry),
         };
         let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         if let Some(limit) = limit {
@@ -375,5 +443,56 @@ pub struct InFlight<'a>(&'a Gauge);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry_label_values(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| l.starts_with("fn_image_resolver_registry_"))
+            .filter_map(|l| l.split("registry=\"").nth(1))
+            .filter_map(|v| v.split('"').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn three_hundred_hosts_make_at_most_thirty_two_labels_plus_other() {
+        let metrics = Metrics::new();
+        metrics.configure_registries([
+            "ghcr.io".to_string(),
+            "registry.example.com:5000".to_string(),
+        ]);
+        for i in 0..300 {
+            let host = format!("h{i}.example.net");
+            metrics.observe(
+                &host,
+                RequestKind::Manifest,
+                Some(404),
+                Duration::from_millis(1),
+            );
+            metrics.rate_limit(&host, Some(100), Some(i));
+        }
+        // Configured hosts keep their own values, however late they come.
+        metrics.observe(
+            "ghcr.io",
+            RequestKind::Manifest,
+            Some(200),
+            Duration::from_millis(1),
+        );
+        metrics.observe(
+            "registry.example.com:5000",
+            RequestKind::Blob,
+            None,
+            Duration::from_millis(1),
+        );
+        let values = registry_label_values(&metrics.encode());
+        assert!(values.contains("ghcr.io") && values.contains("registry.example.com:5000"));
+        assert!(values.contains(OTHER_REGISTRY));
+        assert!(values.contains("h0.example.net") && !values.contains("h299.example.net"));
+        assert_eq!(values.len(), MAX_REGISTRY_LABELS + 3, "{values:?}");
     }
 }

@@ -481,8 +481,48 @@ impl Admitter {
     }
 }
 
+/// The longest timeout the API server gives a webhook (`timeoutSeconds`
+/// is at most 30); a larger `?timeout=` is taken as this.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The part of the API server's timeout we use, keeping room to send the
 /// answer back: 80%, and never less than 100 ms.
 fn budget(timeout: Duration) -> Duration {
-    (timeout * 4 / 5).max(Duration::from_millis(100))
+    (timeout.min(MAX_TIMEOUT) * 4 / 5).max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_bounded_whatever_the_request_says() {
+        assert_eq!(budget(Duration::from_secs(10)), Duration::from_secs(8));
+        assert_eq!(budget(Duration::ZERO), Duration::from_millis(100));
+        assert_eq!(budget(Duration::MAX), Duration::from_secs(24));
+        assert_eq!(
+            budget(Duration::from_secs(u64::MAX)),
+            Duration::from_secs(24)
+        );
+    }
+
+    #[test]
+    fn a_json_error_quoting_multibyte_text_is_cut_on_a_character_boundary() {
+        // serde_json's message quotes the string; 200 bytes in, a character
+        // of several bytes straddles the cut.
+        // One of the two puts the 200th byte inside a two-byte character.
+        for pad in ["", "a"] {
+            let body = format!(
+                r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":"{pad}{}","operation":"CREATE"}}}}"#,
+                "é".repeat(300)
+            );
+            match decode(body.as_bytes(), "porch-fn-system", "fn.kpt.dev/image") {
+                Err(ReviewError::Json(message)) => {
+                    assert!(message.starts_with("invalid type: string"), "{message}");
+                    assert!(message.chars().count() <= 201);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }

@@ -65,8 +65,8 @@ pub enum Callers {
     /// Holders of a token in this file.
     TokenFile(PathBuf),
     /// Holders of a token the API server accepts (TokenReview) whose user or
-    /// group is one of these.
-    TokenReview { allowed_subjects: Vec<String> },
+    /// group is an allowed subject.
+    TokenReview(crate::server::auth::TokenReviewSettings),
 }
 
 /// A running `serve`.
@@ -100,6 +100,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         &config.resolver,
         Some(metrics.clone()),
     )?);
+    // Configured registries keep metric labels of their own; others share
+    // "other" past a limit.
+    metrics.configure_registries(
+        resolver.configured_registries().into_iter().chain(
+            config
+                .resolver_allowed_registries
+                .iter()
+                .map(|h| crate::registry::reference::normalize_host(h)),
+        ),
+    );
     let cache = CachedResolver::new(resolver, config.cache.clone(), metrics.clone());
     let readiness = Arc::new(Readiness::default());
     readiness.set("resolver", Ok(()));
@@ -164,18 +174,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let callers = match &webhook.callers {
             Callers::Nobody => None,
             Callers::TokenFile(path) => Some(Authenticator::Tokens(Tokens::load(path)?)),
-            Callers::TokenReview { allowed_subjects } => {
+            Callers::TokenReview(settings) => {
                 anyhow::ensure!(
-                    !allowed_subjects.is_empty(),
+                    !settings.allowed_subjects.is_empty(),
                     "--resolver-token-review needs --resolver-allowed-subjects: without it every identity in the cluster could use the resolver"
                 );
                 let client = crate::cluster::client()
                     .await
                     .map_err(|e| anyhow::anyhow!("--resolver-token-review: {e}"))?;
-                Some(Authenticator::TokenReview(Box::new(TokenReviewer::new(
-                    client,
-                    allowed_subjects.clone(),
-                ))))
+                Some(Authenticator::TokenReview(Box::new(
+                    TokenReviewer::new(client, settings.clone()).with_metrics(metrics.clone()),
+                )))
             }
         };
         let listener = Listener::bind(webhook.listen)?;
@@ -273,9 +282,10 @@ impl Running {
     /// Waits for the listeners to drain (bounded) and stops the rest.
     async fn finish(mut self) {
         // The listeners drain for `drain`; give their tasks a little more.
-        let drained = tokio::time::timeout(self.http.drain + Duration::from_secs(1), async {
-            while self.listeners.join_next().await.is_some() {}
-        })
+        let drained = tokio::time::timeout(
+            self.http.drain.saturating_add(Duration::from_secs(1)),
+            async { while self.listeners.join_next().await.is_some() {} },
+        )
         .await;
         if drained.is_err() {
             warn!(

@@ -255,7 +255,12 @@ impl CachedResolver {
                 count("hit");
                 Verdict::Serve(CacheStatus::Hit, credential)
             }
-            None if age < self.settings.tag_ttl + self.settings.max_stale => {
+            None if age
+                < self
+                    .settings
+                    .tag_ttl
+                    .saturating_add(self.settings.max_stale) =>
+            {
                 count("stale");
                 self.revalidate_in_background(key, entry.clone(), credential.as_ref());
                 Verdict::Serve(CacheStatus::Stale, credential)
@@ -521,7 +526,10 @@ impl CachedResolver {
             shutdown,
             || {
                 if credentials.reload()? {
-                    self.retain_credentials(&credentials.current().identities());
+                    let current = credentials.current();
+                    self.metrics
+                        .configure_registries(current.registries().map(str::to_string));
+                    self.retain_credentials(&current.identities());
                     info!(path = %path.display(), "credentials changed; answers fetched with old credentials dropped");
                 }
                 Ok::<_, crate::registry::DockerConfigError>(())

@@ -445,6 +445,24 @@ pub struct WebhookArgs {
     )]
     pub resolver_allowed_subjects: Vec<String>,
 
+    /// Audiences a caller's token must be meant for, with
+    /// --resolver-token-review (comma-separated). Empty: the API server's
+    /// own audiences.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        value_name = "AUDIENCE"
+    )]
+    pub resolver_token_audiences: Vec<String>,
+
+    /// How long the API server's acceptance of a caller's token is reused
+    /// (a deleted ServiceAccount stops working within this); refusals are
+    /// reused for at most 5s.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_REVIEW_TTL", default_value = "30s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub resolver_token_review_ttl: Duration,
+
     /// `open` denies a function pod only where it cannot be right (its
     /// function image invalid, not found or without the platform, or a
     /// needed entrypoint missing or unreadable) and admits containers it

@@ -99,9 +99,13 @@ impl ServeArgs {
                 key_file: key_file.clone(),
                 callers: match &self.webhook.resolver_token_file {
                     Some(path) => Callers::TokenFile(path.clone()),
-                    None if self.webhook.resolver_token_review => Callers::TokenReview {
-                        allowed_subjects: self.webhook.resolver_allowed_subjects.clone(),
-                    },
+                    None if self.webhook.resolver_token_review => {
+                        Callers::TokenReview(crate::server::auth::TokenReviewSettings {
+                            allowed_subjects: self.webhook.resolver_allowed_subjects.clone(),
+                            audiences: self.webhook.resolver_token_audiences.clone(),
+                            verdict_ttl: self.webhook.resolver_token_review_ttl,
+                        })
+                    }
                     None => Callers::Nobody,
                 },
             }),

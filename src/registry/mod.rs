@@ -311,6 +311,21 @@ impl Resolver {
         })
     }
 
+    /// The registries this resolver is set up for: the default prefix's and
+    /// those of the Docker config in use (normalized hosts).
+    pub fn configured_registries(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .credentials
+            .current()
+            .registries()
+            .map(str::to_string)
+            .collect();
+        if let Ok(reference) = self.parse("fn") {
+            hosts.push(reference.registry().to_string());
+        }
+        hosts
+    }
+
     /// Most resolutions talking to registries at once (`--max-concurrent-fetches`).
     pub fn max_concurrent_fetches(&self) -> usize {
         self.max_fetches

@@ -102,7 +102,46 @@ enum Verdict {
     /// Authenticated, but not one of the allowed subjects.
     Forbidden,
     Unauthenticated,
+    /// Too many TokenReviews in flight already: try again shortly.
+    Busy,
 }
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Forbidden => "forbidden",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Busy => "busy",
+        }
+    }
+}
+
+/// How callers are reviewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReviewSettings {
+    /// User names (`system:serviceaccount:NS:NAME`) or groups
+    /// (`system:serviceaccounts:NS`) that may use the resolver.
+    pub allowed_subjects: Vec<String>,
+    /// Audiences a token must be meant for; empty: the API server's own.
+    pub audiences: Vec<String>,
+    /// How long the verdict on a token the API server accepted is reused.
+    /// Short: a deleted ServiceAccount or a revoked token stops working
+    /// within this.
+    pub verdict_ttl: Duration,
+}
+
+/// How long a refusal is reused: briefly, so that a token that just became
+/// valid works soon, and separately from acceptances, so that a flood of
+/// unknown tokens cannot push the good verdicts out.
+const REFUSAL_TTL: Duration = Duration::from_secs(5);
+/// Most verdicts of each kind kept.
+const MAX_VERDICTS: usize = 4096;
+/// Most TokenReviews in flight at once: unknown tokens must not make us an
+/// amplifier against the API server.
+const MAX_REVIEWS_IN_FLIGHT: usize = 4;
+/// How long a caller waits for a free review slot before a 503.
+const REVIEW_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Asks the API server who a bearer token belongs to. Verdicts are kept
 /// briefly (by the token's SHA-256, never the token) so a busy caller does
@@ -110,49 +149,85 @@ enum Verdict {
 #[derive(Clone)]
 pub struct TokenReviewer {
     api: Api<TokenReview>,
-    allowed: Arc<Vec<String>>,
-    /// Token SHA-256 → verdict and when it was given.
-    verdicts: Arc<quick_cache::sync::Cache<[u8; 32], (Verdict, Instant)>>,
+    settings: Arc<TokenReviewSettings>,
+    /// Token SHA-256 → verdict (allowed or forbidden) and when it was given.
+    accepted: Arc<quick_cache::sync::Cache<[u8; 32], (Verdict, Instant)>>,
+    /// Token SHA-256 → when the API server refused it.
+    refused: Arc<quick_cache::sync::Cache<[u8; 32], Instant>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenReviewer")
-            .field("allowed", &self.allowed)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
-/// How long a TokenReview verdict is reused. Short: a deleted ServiceAccount
-/// or a revoked token stops working within this.
-const VERDICT_TTL: Duration = Duration::from_secs(30);
-
 impl TokenReviewer {
-    /// `allowed`: user names (`system:serviceaccount:NS:NAME`) or groups
-    /// (`system:serviceaccounts:NS`) that may use the resolver.
-    pub fn new(client: kube::Client, allowed: Vec<String>) -> Self {
+    pub fn new(client: kube::Client, settings: TokenReviewSettings) -> Self {
         Self {
             api: Api::all(client),
-            allowed: Arc::new(allowed),
-            verdicts: Arc::new(quick_cache::sync::Cache::new(10_000)),
+            settings: Arc::new(settings),
+            accepted: Arc::new(quick_cache::sync::Cache::new(MAX_VERDICTS)),
+            refused: Arc::new(quick_cache::sync::Cache::new(MAX_VERDICTS)),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
+            metrics: None,
         }
+    }
+
+    /// Counts verdicts in `token_reviews_total`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<Verdict> {
+        if let Some((verdict, at)) = self.accepted.get(key)
+            && at.elapsed() < self.settings.verdict_ttl
+        {
+            return Some(verdict);
+        }
+        if let Some(at) = self.refused.get(key)
+            && at.elapsed() < REFUSAL_TTL.min(self.settings.verdict_ttl)
+        {
+            return Some(Verdict::Unauthenticated);
+        }
+        None
     }
 
     async fn verdict(&self, token: &str) -> Result<Verdict, kube::Error> {
         let key = digest(token);
-        if let Some((v, at)) = self.verdicts.get(&key)
-            && at.elapsed() < VERDICT_TTL
-        {
-            return Ok(v);
+        if let Some(verdict) = self.cached(&key) {
+            return Ok(verdict);
+        }
+        let Ok(Ok(_slot)) =
+            tokio::time::timeout(REVIEW_SLOT_WAIT, self.slots.clone().acquire_owned()).await
+        else {
+            self.count("busy");
+            return Ok(Verdict::Busy);
+        };
+        // Another caller with the same token may have been answered meanwhile.
+        if let Some(verdict) = self.cached(&key) {
+            return Ok(verdict);
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
-                audiences: None,
+                audiences: (!self.settings.audiences.is_empty())
+                    .then(|| self.settings.audiences.clone()),
             },
             ..TokenReview::default()
         };
-        let answer = self.api.create(&PostParams::default(), &review).await?;
+        let answer = match self.api.create(&PostParams::default(), &review).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.count("error");
+                return Err(e);
+            }
+        };
         let status = answer.status.unwrap_or_default();
         let verdict = match status.user.filter(|_| status.authenticated == Some(true)) {
             None => Verdict::Unauthenticated,
@@ -160,7 +235,8 @@ impl TokenReviewer {
                 let name = user.username.unwrap_or_default();
                 let groups = user.groups.unwrap_or_default();
                 let allowed = self
-                    .allowed
+                    .settings
+                    .allowed_subjects
                     .iter()
                     .any(|a| *a == name || groups.contains(a));
                 if allowed {
@@ -172,8 +248,18 @@ impl TokenReviewer {
                 }
             }
         };
-        self.verdicts.insert(key, (verdict, Instant::now()));
+        self.count(verdict.as_str());
+        match verdict {
+            Verdict::Unauthenticated => self.refused.insert(key, Instant::now()),
+            _ => self.accepted.insert(key, (verdict, Instant::now())),
+        }
         Ok(verdict)
+    }
+
+    fn count(&self, result: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.token_review(result);
+        }
     }
 }
 
@@ -233,6 +319,16 @@ pub async fn require_token(
             "unauthenticated",
             "a valid bearer token is required",
         ),
+        Ok(Verdict::Busy) => {
+            let mut resp = refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many callers are being checked right now; retry shortly",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         Err(e) => {
             warn!(error = %e, "cannot review a resolver caller's token");
             refusal(

@@ -40,12 +40,18 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
         ],
     );
     assert!(ok, "{out}");
-    let (ok, caller_token) = kubectl(
-        &admin,
-        &["create", "token", "porch-fn-runner", "-n", "porch-system"],
-    );
-    assert!(ok, "{caller_token}");
-    let caller_token = caller_token.trim().to_string();
+    // Tokens for our audience, and one for the API server's own.
+    let token_for = |sa: &str, audience: Option<&str>| {
+        let mut args = vec!["create", "token", sa, "-n", "porch-system"];
+        if let Some(audience) = audience {
+            args.extend(["--audience", audience]);
+        }
+        let (ok, token) = kubectl(&admin, &args);
+        assert!(ok, "{token}");
+        token.trim().to_string()
+    };
+    let caller_token = token_for("porch-fn-runner", Some("fn-image-resolver"));
+    let other_audience = token_for("porch-fn-runner", None);
 
     let env = PlainEnv::start().await;
     let certs = tempfile::tempdir().expect("tempdir");
@@ -74,9 +80,16 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--resolver-allowed-subjects"), "{stderr}");
 
+    let (ok, out) = kubectl(
+        &admin,
+        &["create", "serviceaccount", "gone", "-n", "porch-system"],
+    );
+    assert!(ok, "{out}");
     let _running = serve(&[
-        &format!("--resolver-allowed-subjects={CALLER}"),
+        &format!("--resolver-allowed-subjects={CALLER},system:serviceaccount:porch-system:gone"),
         &format!("--resolver-allowed-registries={}", env.proxy.host),
+        "--resolver-token-audiences=fn-image-resolver",
+        "--resolver-token-review-ttl=2s",
     ]);
     crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver_port}/readyz")).await;
     let ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca");
@@ -103,8 +116,17 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     assert_eq!(status, 401, "{body}");
     let (status, body) = ask(image.clone(), Some("not-a-token".into())).await;
     assert_eq!(status, 401, "{body}");
-    // A real identity (the API server knows it), but not an allowed one.
+    // A static token is for the API server's own audience only.
     let (status, body) = ask(image.clone(), Some(USER_TOKEN.into())).await;
+    assert_eq!(status, 401, "{body}");
+    // A real identity with a token for us, but not an allowed one.
+    let (ok, out) = kubectl(
+        &admin,
+        &["create", "serviceaccount", "stranger", "-n", "porch-system"],
+    );
+    assert!(ok, "{out}");
+    let stranger = token_for("stranger", Some("fn-image-resolver"));
+    let (status, body) = ask(image.clone(), Some(stranger)).await;
     assert_eq!(status, 403, "{body}");
     let refusal: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(refusal["error"]["kind"], "forbidden");
@@ -131,21 +153,199 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     assert_eq!(status, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(answer["digest"], env.samples.entrypoint.digest.as_str());
+    // The same caller with a token meant for another audience: refused.
+    let (status, body) = ask(image.clone(), Some(other_audience)).await;
+    assert_eq!(status, 401, "{body}");
 
-    // The token of a ServiceAccount that is gone is refused (TokenReview
-    // says so; nothing about it was cached).
-    let (ok, out) = kubectl(
-        &admin,
-        &["create", "serviceaccount", "gone", "-n", "porch-system"],
-    );
-    assert!(ok, "{out}");
-    let (ok, gone_token) = kubectl(&admin, &["create", "token", "gone", "-n", "porch-system"]);
-    assert!(ok, "{gone_token}");
+    // A caller whose verdict is cached, then its ServiceAccount deleted: the
+    // cached acceptance holds for --resolver-token-review-ttl, no longer.
+    let gone_token = token_for("gone", Some("fn-image-resolver"));
+    let (status, body) = ask(image.clone(), Some(gone_token.clone())).await;
+    assert_eq!(status, 200, "{body}");
     let (ok, out) = kubectl(
         &admin,
         &["delete", "serviceaccount", "gone", "-n", "porch-system"],
     );
     assert!(ok, "{out}");
-    let (status, body) = ask(image, Some(gone_token.trim().to_string())).await;
-    assert_eq!(status, 401, "{body}");
+    let deleted = std::time::Instant::now();
+    let (status, body) = ask(image.clone(), Some(gone_token.clone())).await;
+    if deleted.elapsed() < std::time::Duration::from_secs(2) {
+        assert_eq!(
+            status, 200,
+            "within the TTL the cached verdict stands: {body}"
+        );
+    }
+    // The API server caches its own token verdicts for 10 s; past both, the
+    // deletion is seen (with the old fixed 30 s verdict cache, not within 20 s).
+    let mut last = (0, String::new());
+    while deleted.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        last = ask(image.clone(), Some(gone_token.clone())).await;
+        if last.0 == 401 {
+            break;
+        }
+    }
+    assert_eq!(
+        last.0, 401,
+        "past the TTLs the API server is asked again: {}",
+        last.1
+    );
+}
+
+/// A stand-in for the API server's TokenReview endpoint that checks the call
+/// shape only: how many reviews are in flight at once, and what they carry.
+/// (What a real API server answers is tested above.)
+#[derive(Default)]
+struct ReviewLog {
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    tokens: std::sync::Mutex<Vec<String>>,
+    audiences: std::sync::Mutex<Vec<Value>>,
+}
+
+async fn fake_token_reviews(log: std::sync::Arc<ReviewLog>) -> String {
+    use std::sync::atomic::Ordering;
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        axum::routing::post(move |axum::Json(review): axum::Json<Value>| {
+            let log = log.clone();
+            async move {
+                let now = log.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                log.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                let token = review["spec"]["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                log.tokens.lock().expect("log").push(token.clone());
+                log.audiences
+                    .lock()
+                    .expect("log")
+                    .push(review["spec"]["audiences"].clone());
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                log.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let status = if token == "good" {
+                    serde_json::json!({"authenticated": true, "user": {"username": CALLER}})
+                } else {
+                    serde_json::json!({"authenticated": false})
+                };
+                axum::Json(serde_json::json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                    "spec": review["spec"], "status": status
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_reviews_are_bounded_in_flight_carry_the_audiences_and_refusals_are_cached() {
+    use fn_image_resolver::server::auth::{Authenticator, TokenReviewSettings, TokenReviewer};
+    use std::sync::atomic::Ordering;
+
+    let log = std::sync::Arc::new(ReviewLog::default());
+    let api = fake_token_reviews(log.clone()).await;
+    let config = kube::Config::new(api.parse().expect("url"));
+    let client = kube::Client::try_from(config).expect("client");
+    let reviewer = TokenReviewer::new(
+        client,
+        TokenReviewSettings {
+            allowed_subjects: vec![CALLER.into()],
+            audiences: vec!["fn-image-resolver".into()],
+            verdict_ttl: std::time::Duration::from_secs(30),
+        },
+    );
+    let env = PlainEnv::start().await;
+    let mut config = crate::serve_config(&env.settings(), Default::default());
+    config.resolver_allowed_registries = vec![env.proxy.host.clone()];
+    let running = fn_image_resolver::app::start(config).await.expect("serve");
+    let state = std::sync::Arc::new(fn_image_resolver::server::AppState {
+        admitter: fn_image_resolver::admission::Admitter::new(
+            running.cache.clone(),
+            crate::admission_settings(),
+        ),
+        cache: running.cache.clone(),
+        metrics: running.metrics.clone(),
+        readiness: running.readiness.clone(),
+        max_batch: 10,
+        allowed_registries: vec![env.proxy.host.clone()],
+    });
+    let router = fn_image_resolver::server::webhook_router(
+        state,
+        Some(Authenticator::TokenReview(Box::new(reviewer))),
+    );
+    let ask = |token: String| {
+        let router = router.clone();
+        async move {
+            use tower::ServiceExt as _;
+            let request = axum::http::Request::get("/v1/resolve?image=127.0.0.1:1/fns/x:v1")
+                .header("authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::empty())
+                .expect("request");
+            router
+                .oneshot(request)
+                .await
+                .expect("answer")
+                .status()
+                .as_u16()
+        }
+    };
+
+    // Twenty unknown callers at once: never more than a few reviews in flight.
+    let statuses =
+        futures_util::future::join_all((0..20).map(|i| ask(format!("unknown-{i}")))).await;
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 503),
+        "{statuses:?}"
+    );
+    let max = log.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&max),
+        "{max} TokenReviews in flight at once"
+    );
+    assert!(
+        statuses.contains(&503),
+        "the ones over the bound were told to retry"
+    );
+
+    // The same unknown token again and again: one review.
+    let before = log.tokens.lock().expect("log").len();
+    for _ in 0..5 {
+        assert_eq!(ask("repeated".into()).await, 401);
+    }
+    let reviews = log
+        .tokens
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|t| *t == "repeated")
+        .count();
+    assert_eq!(reviews, 1, "the refusal is reused");
+    assert_eq!(log.tokens.lock().expect("log").len(), before + 1);
+
+    // The allowed caller passes (then the registry allowlist answers).
+    assert_eq!(ask("good".into()).await, 403);
+    assert_eq!(ask("good".into()).await, 403);
+    assert_eq!(
+        log.tokens
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|t| *t == "good")
+            .count(),
+        1
+    );
+    // Every review named the configured audiences.
+    assert!(
+        log.audiences
+            .lock()
+            .expect("log")
+            .iter()
+            .all(|a| *a == serde_json::json!(["fn-image-resolver"]))
+    );
 }

@@ -393,7 +393,20 @@ async fn a_blob_redirect_to_another_host_carries_no_credentials() {
     let host = env.proxy.host.clone();
     let (_d, cfg) =
         docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
-    let got = resolver(&env.settings(&cfg))
+    // Plain HTTP to the storage host: it must be an --insecure-registry too.
+    let mut settings = env.settings(&cfg);
+    let refused = resolver(&settings)
+        .resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
+        .await
+        .expect_err("a redirect to an unlisted plain-HTTP host is not followed");
+    assert!(
+        refused.to_string().contains(&cdn.host)
+            && refused.to_string().contains("insecure-registry"),
+        "{refused}"
+    );
+    assert_eq!(cdn.total(), 0, "nothing reached the unlisted host");
+    settings.insecure_hosts.push(cdn.host.clone());
+    let got = resolver(&settings)
         .resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
         .await
         .expect("resolves through the redirect");
@@ -413,5 +426,99 @@ async fn a_blob_redirect_to_another_host_carries_no_credentials() {
             .as_deref()
             .is_some_and(|a| a.starts_with("Bearer "))),
         "the registry itself was sent its token"
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_from_https_to_plain_http_is_refused() {
+    crate::common::init_crypto();
+    // The plain-HTTP host, listed as insecure: a downgrade is refused anyway.
+    let plain = crate::PlainEnv::start().await;
+    // An HTTPS registry front that redirects every request there.
+    let certs = tempfile::tempdir().expect("tempdir");
+    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
+        .expect("certs");
+    let cert = fn_image_resolver::server::tls::ReloadingCert::load(
+        certs.path().join("tls.crt"),
+        certs.path().join("tls.key"),
+    )
+    .expect("cert");
+    let target = format!("http://{}", plain.proxy.host);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let location = format!("{target}{uri}");
+        async move { axum::response::Redirect::temporary(&location) }
+    });
+    let listener = fn_image_resolver::server::Listener::bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let front = listener.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fn_image_resolver::server::serve_tls(
+        listener,
+        app,
+        cert,
+        fn_image_resolver::server::HttpLimits::default(),
+        stop.clone(),
+    ));
+    let mut settings = plain.settings();
+    settings.private_registries = true;
+    settings.tls_ca_dir = Some(certs.path().to_path_buf());
+    let front_host = format!("127.0.0.1:{}", front.port());
+    let (_d, cfg) = docker_config(
+        &json!({"auths": {front_host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}),
+    );
+    settings.docker_config_path = cfg;
+    let error = resolver(&settings)
+        .resolve(&format!("{front_host}/fns/set-namespace:v0.4"), None)
+        .await
+        .expect_err("the downgrade is refused");
+    assert!(error.to_string().contains("HTTPS to plain HTTP"), "{error}");
+    assert_eq!(plain.proxy.total(), 0, "nothing was sent in the clear");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_token_request_follows_no_redirect() {
+    crate::common::init_crypto();
+    let tokens = TokenServer::start(&[("fn-user", PASSWORD)], &[(REFRESH, "fn-user")], false).await;
+    // The realm the registry names answers with a redirect to the real one.
+    let realm_front = Proxy::start(&format!("http://127.0.0.1:{}", tokens.port)).await;
+    realm_front.set_fault(
+        crate::common::proxy::Fault::Redirect(format!("http://127.0.0.1:{}", tokens.port)),
+        None,
+    );
+    let registry = Registry::start(
+        None,
+        Auth::Token {
+            realm: format!("http://{}/token", realm_front.host),
+            service: SERVICE.into(),
+            issuer: ISSUER.into(),
+            root_pem: tokens.root_pem.clone(),
+        },
+    );
+    let host = registry.host.clone();
+    for credential in [
+        json!({"auth": basic_auth("fn-user", PASSWORD)}),
+        json!({"identitytoken": REFRESH}),
+    ] {
+        let (_d, cfg) = docker_config(&json!({"auths": {host.clone(): credential}}));
+        let mut s = settings();
+        s.private_registries = true;
+        s.docker_config_path = cfg;
+        s.insecure_hosts = vec![
+            host.clone(),
+            realm_front.host.clone(),
+            format!("127.0.0.1:{}", tokens.port),
+        ];
+        let error = resolver(&s)
+            .resolve(&format!("{host}/fns/set-namespace:v0.4"), None)
+            .await
+            .expect_err("no token through a redirect");
+        assert!(!error.to_string().contains(PASSWORD), "{error}");
+    }
+    assert!(realm_front.total() >= 2, "the realm was asked");
+    assert_eq!(
+        tokens.count(),
+        0,
+        "no credential followed a redirect to the token server"
     );
 }

@@ -17,8 +17,8 @@ mod response;
 mod token;
 mod transport;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, header};
@@ -39,6 +39,9 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
 const USER_AGENT: &str = concat!("fn-image-resolver/", env!("CARGO_PKG_VERSION"));
+
+/// Most registry hosts whose working rung is remembered.
+const MAX_HOSTS: usize = 1024;
 
 /// How to reach registries.
 #[derive(Debug, Clone)]
@@ -140,7 +143,8 @@ pub struct RegistryClient {
     token: reqwest::Client,
     insecure: HashSet<String>,
     /// The rung that last worked per host, so the ladder is climbed once.
-    rungs: Mutex<HashMap<String, Rung>>,
+    /// Bounded like every per-host map: a host named once is not kept forever.
+    rungs: quick_cache::sync::Cache<String, Rung>,
     auth: AuthCache,
     max_manifest_bytes: usize,
     max_config_bytes: usize,
@@ -150,14 +154,19 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(options: ClientOptions) -> Result<Self, reqwest::Error> {
-        let build = |roots: RootCertStore| {
+        let insecure: HashSet<String> = options
+            .insecure_hosts
+            .iter()
+            .map(|h| normalize_host(h))
+            .collect();
+        let build = |roots: RootCertStore, redirects: reqwest::redirect::Policy| {
             reqwest::Client::builder()
                 .use_preconfigured_tls(super::tls::client_config(roots).as_ref().clone())
                 .user_agent(USER_AGENT)
                 .connect_timeout(options.connect_timeout)
                 .timeout(options.request_timeout)
                 .pool_idle_timeout(Duration::from_secs(90))
-                .redirect(redirect_policy())
+                .redirect(redirects)
                 .build()
         };
         let system_roots = options
@@ -169,15 +178,17 @@ impl RegistryClient {
             combined.roots.extend(ca.roots.iter().cloned());
         }
         Ok(Self {
-            mounted_ca: options.mounted_ca.clone().map(build).transpose()?,
-            system: build(system_roots)?,
-            token: build(combined)?,
-            insecure: options
-                .insecure_hosts
-                .iter()
-                .map(|h| normalize_host(h))
-                .collect(),
-            rungs: Mutex::new(HashMap::new()),
+            mounted_ca: options
+                .mounted_ca
+                .clone()
+                .map(|ca| build(ca, redirect_policy(insecure.clone())))
+                .transpose()?,
+            system: build(system_roots, redirect_policy(insecure.clone()))?,
+            // A token request carries the credential itself (Basic, or the
+            // refresh token in its body): it follows no redirect at all.
+            token: build(combined, reqwest::redirect::Policy::none())?,
+            insecure,
+            rungs: quick_cache::sync::Cache::new(MAX_HOSTS),
             auth: AuthCache::default(),
             max_manifest_bytes: options.max_manifest_bytes,
             max_config_bytes: options.max_config_bytes,
@@ -274,8 +285,4 @@ impl RegistryClient {
             o.observe(registry, kind, status, started.elapsed());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

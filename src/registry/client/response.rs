@@ -23,6 +23,13 @@ pub(super) fn classify(error: reqwest::Error, registry: &str, timeout: Duration)
             after: timeout,
         });
     }
+    if error.is_redirect() {
+        // Our redirect policy said no (a downgrade to plain HTTP, or a loop).
+        return Attempt::Failed(RegistryError::InvalidResponse {
+            registry: registry.to_string(),
+            detail: format!("redirect not followed: {}", root_cause(&error)),
+        });
+    }
     Attempt::Failed(RegistryError::Unreachable {
         registry: registry.to_string(),
         detail: root_cause(&error),
@@ -175,5 +182,140 @@ pub(super) async fn read_limited(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ErrorKind;
+
+    fn target() -> Target<'static> {
+        Target {
+            host: "reg.example.com",
+            registry: "reg.example.com",
+            repository: "fns/x",
+            credential: None,
+        }
+    }
+
+    fn response(status: u16, headers: &[(&str, &str)], body: &str) -> reqwest::Response {
+        let mut builder = axum::http::Response::builder().status(status);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        reqwest::Response::from(builder.body(body.to_string()).expect("response"))
+    }
+
+    async fn status_error(status: u16, headers: &[(&str, &str)], body: &str) -> RegistryError {
+        check_status(
+            response(status, headers, body),
+            &target(),
+            "manifest fns/x:v1",
+        )
+        .await
+        .expect_err("not a success")
+    }
+
+    #[tokio::test]
+    async fn statuses_become_typed_errors_with_only_the_registry_error_code() {
+        let e = status_error(
+            404,
+            &[],
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"secret detail"}]}"#,
+        )
+        .await;
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let text = e.to_string();
+        assert!(
+            text.contains("MANIFEST_UNKNOWN") && !text.contains("secret detail"),
+            "{text}"
+        );
+
+        let e = status_error(404, &[], "<html>nope</html>").await;
+        assert!(e.to_string().contains("HTTP 404"), "{e}");
+
+        // A code that is not a registry error code is not repeated.
+        let e = status_error(404, &[], r#"{"errors":[{"code":"lowercase <script>"}]}"#).await;
+        assert!(!e.to_string().contains("script"), "{e}");
+
+        for status in [401, 403] {
+            let e = status_error(status, &[], r#"{"errors":[{"code":"DENIED"}]}"#).await;
+            assert_eq!(e.kind(), ErrorKind::Unauthorized);
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("HTTP {status}")) && text.contains("DENIED"),
+                "{text}"
+            );
+            assert!(text.contains("no credentials are configured"), "{text}");
+        }
+
+        let e = status_error(429, &[("retry-after", "17")], "").await;
+        assert_eq!(e.kind(), ErrorKind::RateLimited);
+        assert!(
+            matches!(e, RegistryError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(17)),
+            "{e:?}"
+        );
+        let e = status_error(429, &[("retry-after", "Wed, 21 Oct 2026 07:28:00 GMT")], "").await;
+        assert!(
+            matches!(
+                e,
+                RegistryError::RateLimited {
+                    retry_after: None,
+                    ..
+                }
+            ),
+            "an HTTP date is not taken for seconds: {e:?}"
+        );
+
+        for status in [500, 502, 503, 418] {
+            let e = status_error(status, &[], "").await;
+            assert_eq!(e.kind(), ErrorKind::RegistryError, "{status}");
+        }
+        let ok = check_status(response(200, &[], "{}"), &target(), "x").await;
+        assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_their_limit_and_no_further() {
+        let body = "x".repeat(1000);
+        let read = read_limited(
+            response(200, &[], &body),
+            1000,
+            Duration::ZERO,
+            &target(),
+            "a blob",
+        )
+        .await;
+        assert_eq!(read.expect("within the limit").len(), 1000);
+        let e = read_limited(
+            response(200, &[], &body),
+            999,
+            Duration::ZERO,
+            &target(),
+            "a blob",
+        )
+        .await
+        .expect_err("over the limit");
+        assert_eq!(e.kind(), ErrorKind::InvalidResponse);
+        assert!(e.to_string().contains("999-byte limit"), "{e}");
+    }
+
+    #[test]
+    fn a_tls_error_is_found_inside_io_errors_and_causes_are_short() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = std::io::Error::other(std::io::Error::other(tls));
+        let found = find_rustls_error(&wrapped).expect("found through two io::Errors");
+        assert!(
+            found.contains("UnknownIssuer") || found.contains("unknown issuer"),
+            "{found}"
+        );
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(find_rustls_error(&refused), None);
+        assert_eq!(
+            root_cause(&std::io::Error::other(refused)),
+            "Connection refused"
+        );
     }
 }

@@ -2,16 +2,18 @@
 //! roots, then plain HTTP for `--insecure-registry` hosts), the 401
 //! challenge and answer, and the redirect policy.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use reqwest::{Method, StatusCode, header};
 use tracing::{debug, warn};
 
 use super::response::classify;
-use super::{MANIFEST_ACCEPT, RegistryClient, RequestKind, Target, lock, rate_limit_header};
+use super::{MANIFEST_ACCEPT, RegistryClient, RequestKind, Target, rate_limit_header};
 use crate::registry::challenge::Challenge;
 use crate::registry::docker_config::Credential;
 use crate::registry::error::RegistryError;
+use crate::registry::reference::normalize_host;
 use crate::registry::tokens::HostAuth;
 
 /// One step of the seed's connection ladder.
@@ -50,8 +52,8 @@ impl RegistryClient {
             ladder.push(Rung::PlainHttp);
         }
         // Start where the last success was; earlier rungs failed before.
-        if let Some(known) = lock(&self.rungs).get(target.host)
-            && let Some(pos) = ladder.iter().position(|r| r == known)
+        if let Some(known) = self.rungs.get(target.host)
+            && let Some(pos) = ladder.iter().position(|r| *r == known)
         {
             ladder.drain(..pos);
         }
@@ -87,7 +89,10 @@ impl RegistryClient {
             }
             match attempt {
                 Ok(resp) => {
-                    let previous = lock(&self.rungs).insert(target.host.to_string(), rung);
+                    let previous = self.rungs.get(target.host);
+                    if previous != Some(rung) {
+                        self.rungs.insert(target.host.to_string(), rung);
+                    }
                     // Loud, but once per host rather than once per request.
                     if rung == Rung::PlainHttp && previous != Some(Rung::PlainHttp) {
                         warn!(
@@ -98,7 +103,7 @@ impl RegistryClient {
                     return Ok(resp);
                 }
                 Err(Attempt::Tls(detail)) => {
-                    lock(&self.rungs).remove(target.host);
+                    self.rungs.remove(target.host);
                     if let Some(next) = ladder.get(i + 1) {
                         warn!(registry = target.registry, error = %detail, "TLS with {} failed; trying {}", rung.describe(), next.describe());
                     }
@@ -213,18 +218,124 @@ impl RegistryClient {
     }
 }
 
-/// Follows at most five redirects and never from HTTPS down to plain HTTP.
-/// (reqwest already drops `Authorization` when a redirect changes host.)
-pub(super) fn redirect_policy() -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(|attempt| {
-        let downgrade = attempt.url().scheme() == "http"
-            && attempt.previous().iter().any(|u| u.scheme() == "https");
-        if downgrade {
-            attempt.error("refusing a redirect from HTTPS to plain HTTP")
-        } else if attempt.previous().len() >= 5 {
-            attempt.error("too many redirects")
-        } else {
-            attempt.follow()
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
+
+/// The redirect policy of registry requests; see [`redirect_verdict`].
+/// (reqwest itself drops `Authorization` when a redirect changes host or
+/// port, so a credential never follows one to another host.)
+pub(super) fn redirect_policy(insecure: HashSet<String>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        match redirect_verdict(attempt.previous(), attempt.url(), &insecure) {
+            Ok(()) => attempt.follow(),
+            Err(reason) => attempt.error(reason),
         }
     })
+}
+
+/// Whether a redirect to `next` after `previous` is followed: never from
+/// HTTPS down to plain HTTP, to plain HTTP only on an `--insecure-registry`
+/// host (`insecure`, normalized), and at most [`MAX_REDIRECTS`] times.
+pub(super) fn redirect_verdict(
+    previous: &[url::Url],
+    next: &url::Url,
+    insecure: &HashSet<String>,
+) -> Result<(), String> {
+    if previous.len() >= MAX_REDIRECTS {
+        return Err("too many redirects".into());
+    }
+    if next.scheme() != "http" {
+        return Ok(());
+    }
+    if previous.iter().any(|u| u.scheme() == "https") {
+        return Err("refusing a redirect from HTTPS to plain HTTP".into());
+    }
+    let host = next.host_str().unwrap_or_default();
+    let authority = match next.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    if insecure.contains(&normalize_host(&authority)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing a redirect to plain-HTTP host {authority}, which is not an --insecure-registry"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> url::Url {
+        url::Url::parse(s).expect("url")
+    }
+
+    #[test]
+    fn redirects_never_go_down_to_plain_http_nor_to_an_unlisted_plain_host() {
+        let insecure: HashSet<String> =
+            ["reg.local:5000".to_string(), "cdn.local:8080".to_string()].into();
+        let verdict = |from: &[&str], to: &str| {
+            let from: Vec<url::Url> = from.iter().map(|u| url(u)).collect();
+            redirect_verdict(&from, &url(to), &insecure)
+        };
+        // HTTPS anywhere, and HTTP between insecure hosts: followed.
+        assert!(
+            verdict(
+                &["https://reg.example.com/v2/a/blobs/x"],
+                "https://storage.example.com/x"
+            )
+            .is_ok()
+        );
+        assert!(
+            verdict(
+                &["http://reg.local:5000/v2/a/blobs/x"],
+                "https://storage.example.com/x"
+            )
+            .is_ok()
+        );
+        assert!(
+            verdict(
+                &["http://reg.local:5000/v2/a/blobs/x"],
+                "http://cdn.local:8080/x"
+            )
+            .is_ok()
+        );
+        assert!(
+            verdict(
+                &["http://reg.local:5000/v2/a"],
+                "http://reg.local:5000/v2/b"
+            )
+            .is_ok()
+        );
+        // HTTPS to HTTP: refused, even to an insecure host.
+        let e = verdict(&["https://reg.example.com/v2/a"], "http://cdn.local:8080/x")
+            .expect_err("downgrade");
+        assert!(e.contains("HTTPS to plain HTTP"), "{e}");
+        let e = verdict(
+            &["https://a.example.com/", "https://b.example.com/"],
+            "http://reg.local:5000/",
+        )
+        .expect_err("downgrade");
+        assert!(e.contains("HTTPS to plain HTTP"), "{e}");
+        // Plain HTTP to a host that is not --insecure-registry: refused.
+        let e = verdict(
+            &["http://reg.local:5000/v2/a"],
+            "http://elsewhere.local:8080/x",
+        )
+        .expect_err("unlisted");
+        assert!(e.contains("elsewhere.local:8080"), "{e}");
+        assert!(
+            verdict(&["http://reg.local:5000/v2/a"], "http://cdn.local/x").is_err(),
+            "another port is another host"
+        );
+        // A loop: refused after five.
+        let loop_: Vec<&str> = vec!["https://reg.example.com/"; 5];
+        assert!(
+            verdict(&loop_, "https://reg.example.com/")
+                .expect_err("too many")
+                .contains("too many")
+        );
+    }
 }
