@@ -114,6 +114,7 @@ pub struct Metrics {
     admission_unpinned: Family<ReasonLabel, Counter>,
     admission_entrypoints_replaced: Counter,
     token_reviews: Family<ResultLabel, Counter>,
+    handler_panics: Family<RouteLabels, Counter>,
     secret_syncs: Family<ResultLabel, Counter>,
     secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     secret_propagation: Histogram,
@@ -201,6 +202,12 @@ impl Metrics {
             "Containers admitted with their image as written because it could not be resolved, by reason (an error kind, or deadline)",
             admission_unpinned.clone(),
         );
+        let handler_panics = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "http_handler_panics",
+            "Requests whose handler panicked (answered 500, or per the failure mode on /mutate); each is a bug",
+            handler_panics.clone(),
+        );
         let token_reviews = Family::<ResultLabel, Counter>::default();
         registry.register(
             "token_reviews",
@@ -279,6 +286,7 @@ impl Metrics {
             admission_unpinned,
             admission_entrypoints_replaced,
             token_reviews,
+            handler_panics,
             secret_syncs,
             secret_last_success,
             secret_propagation,
@@ -344,6 +352,15 @@ impl Metrics {
     pub fn admission_unpinned(&self, reason: &'static str) {
         self.admission_unpinned
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A handler panicked while answering `route` (a matched route pattern).
+    pub fn handler_panic(&self, route: &str) {
+        self.handler_panics
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
             .inc();
     }
 

@@ -164,6 +164,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             .iter()
             .map(|h| crate::registry::reference::normalize_host(h))
             .collect(),
+        request_timeout: config.http.request_timeout,
     });
 
     let mut webhook_addr = None;

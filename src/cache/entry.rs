@@ -31,7 +31,8 @@ pub(super) struct Entry(Arc<Inner>);
 struct Inner {
     image: Box<str>,
     catalog: bool,
-    platform: Option<Platform>,
+    /// Boxed: nearly every request is for the default platform.
+    platform: Option<Box<Platform>>,
     reference: ImageRef,
     /// Who fetched it: served only while that is still the credential for
     /// its registry.
@@ -51,7 +52,7 @@ impl Entry {
         Self(Arc::new(Inner {
             image: wanted.image.into(),
             catalog: wanted.catalog,
-            platform: wanted.platform.cloned(),
+            platform: wanted.platform.cloned().map(Box::new),
             reference,
             credential,
             fetched_at: Instant::now(),
@@ -87,7 +88,7 @@ impl Entry {
         Wanted {
             image: &self.0.image,
             catalog: self.0.catalog,
-            platform: self.0.platform.as_ref(),
+            platform: self.0.platform.as_deref(),
         }
     }
 

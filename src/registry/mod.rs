@@ -72,8 +72,9 @@ pub struct ImageInfo {
     pub config_entrypoint: Vec<String>,
     /// `Config.Cmd` as in the image.
     pub cmd: Vec<String>,
-    /// Platform of the config that was read, when it is not the one asked for.
-    pub platform: Option<Platform>,
+    /// Platform of the config that was read, when it is not the one asked
+    /// for (rare, so boxed: a cache entry keeps this struct).
+    pub platform: Option<Box<Platform>>,
 }
 
 /// One resolved image as a pod's patch or an endpoint answer needs it,
@@ -126,7 +127,7 @@ impl<'a> ImageAnswer<'a> {
 
     /// Platform of the config that was read, when it is not the one asked for.
     pub fn platform(&self) -> Option<&'a Platform> {
-        self.info.platform.as_ref()
+        self.info.platform.as_deref()
     }
 }
 
@@ -543,7 +544,7 @@ impl Resolver {
             digest: Digest::new(&digest),
             config_entrypoint: parsed.entrypoint,
             cmd: parsed.cmd,
-            platform: parsed.platform.filter(|p| p != platform),
+            platform: parsed.platform.filter(|p| p != platform).map(Box::new),
         })
     }
 }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tracing::Instrument as _;
 
 use super::state::AppState;
 use crate::cache::CacheStatus;
@@ -155,6 +156,21 @@ fn check_allowed(state: &AppState, image: &str) -> Result<(), ApiError> {
     ))
 }
 
+/// Runs a resolution as its own task, in the request's span; a task that
+/// fails (a bug) is an internal error.
+async fn spawn_resolution<T: Send + 'static>(
+    resolution: impl std::future::Future<Output = Result<T, ResolveError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(resolution.in_current_span()).await {
+        Ok(outcome) => outcome.map_err(ApiError::from),
+        Err(join) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the resolution failed: {join}"),
+        )),
+    }
+}
+
 pub async fn resolve_one(
     State(state): State<Arc<AppState>>,
     query: Result<Query<ResolveQuery>, QueryRejection>,
@@ -165,7 +181,11 @@ pub async fn resolve_one(
     })?;
     let platform = platform(query.platform.as_deref())?;
     check_allowed(&state, &image)?;
-    let (resolution, cached) = state.cache.resolve(&image, platform.as_ref()).await?;
+    // A task: if the client goes away or the request times out, the fetch
+    // still finishes and fills the cache for the next caller.
+    let cache = state.cache.clone();
+    let (resolution, cached) =
+        spawn_resolution(async move { cache.resolve(&image, platform.as_ref()).await }).await?;
     Ok(Json(Resolved { resolution, cached }))
 }
 
@@ -215,11 +235,15 @@ pub async fn resolve_batch(
             if let Err(refused) = check_allowed(&state, &image) {
                 return json!({"image": image, "error": refused.body()});
             }
-            match state.cache.resolve(&image, platform.as_ref()).await {
+            let cache = state.cache.clone();
+            let resolving = image.clone();
+            let resolution =
+                spawn_resolution(async move { cache.resolve(&resolving, platform.as_ref()).await });
+            match resolution.await {
                 Ok((resolution, cached)) => {
                     serde_json::to_value(Resolved { resolution, cached }).unwrap_or_default()
                 }
-                Err(e) => error_json(&image, &e),
+                Err(e) => json!({"image": image, "error": e.body()}),
             }
         }
     }))

@@ -66,8 +66,9 @@ impl Default for HttpLimits {
 }
 
 /// Answers 408 when a request (body included) takes longer than allowed.
-/// Resolutions it started keep running and fill the cache.
-fn with_request_timeout(app: Router, limit: Duration) -> Router {
+/// Resolutions it started keep running and fill the cache. The routes
+/// apply it inside their request counting, so 408s are counted too.
+pub fn with_request_timeout(app: Router, limit: Duration) -> Router {
     app.layer(middleware::from_fn(
         move |request: Request, next: Next| async move {
             match tokio::time::timeout(limit, next.run(request)).await {
@@ -164,7 +165,7 @@ pub async fn serve_loopback(
     let server = http1_bounded(server, limits);
     info!(addr = %addr, "resolver endpoint listening (plain HTTP, loopback)");
     drain_on(server, shutdown, limits.drain)
-        .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
+        .serve(app.into_make_service())
         .await
         .map_err(|source| ServeError::Serve { addr, source })
 }
@@ -188,7 +189,7 @@ pub async fn serve_tls(
     let server = http1_bounded(server, limits);
     info!(addr = %addr, "webhook listening (HTTPS)");
     drain_on(server, shutdown, limits.drain)
-        .serve(with_request_timeout(app, limits.request_timeout).into_make_service())
+        .serve(app.into_make_service())
         .await
         .map_err(|source| ServeError::Serve { addr, source })
 }

@@ -17,4 +17,6 @@ pub struct AppState {
     pub max_batch: usize,
     /// Normalized registry hosts `/v1/resolve` may ask; empty: any.
     pub allowed_registries: Vec<String>,
+    /// A request's body upload and answer must fit this, else 408.
+    pub request_timeout: std::time::Duration,
 }

@@ -274,6 +274,7 @@ async fn token_reviews_are_bounded_in_flight_carry_the_audiences_and_refusals_ar
         readiness: running.readiness.clone(),
         max_batch: 10,
         allowed_registries: vec![env.proxy.host.clone()],
+        request_timeout: std::time::Duration::from_secs(30),
     });
     let router = fn_image_resolver::server::webhook_router(
         state,

@@ -188,6 +188,13 @@ async fn stalled_clients_are_cut_off_and_the_server_keeps_serving() {
         cert.validity().not_after.timestamp()
     );
     assert!(metrics.contains(&want), "{want} in {metrics}");
+    // The 408 above is counted with the rest.
+    assert!(
+        metrics.contains(
+            "fn_image_resolver_http_requests_total{route=\"/v1/resolve\",outcome=\"408\"} 1"
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,3 +311,31 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .expect("JSON log lines");
     assert_eq!(last["message"], "stopped", "{stderr}");
 }
+
+#[tokio::test]
+async fn a_resolution_whose_caller_gave_up_still_fills_the_cache() {
+    use crate::common::proxy::Kind;
+    let env = PlainEnv::start().await;
+    let endpoint = Endpoint::start(&env.settings(), CacheSettings::default()).await;
+    env.proxy.set_fault(
+        Fault::Delay(Duration::from_millis(800)),
+        Some(Kind::Manifest),
+    );
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("client");
+    let image = env.image("fns/set-namespace:v0.4");
+    assert!(
+        impatient.get(endpoint.url(&image)).send().await.is_err(),
+        "the caller gave up first"
+    );
+    // The fetch goes on without it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.proxy.set_fault(Fault::None, None);
+    let requests = env.proxy.total();
+    let (status, body) = get(&endpoint.url(&image)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cached"], "hit", "{body}");
+    assert_eq!(env.proxy.total(), requests, "no second fetch");
+}

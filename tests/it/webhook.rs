@@ -798,4 +798,16 @@ async fn the_resolver_on_the_https_listener_needs_a_token() {
     assert_eq!(resp.status().as_u16(), 200);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["digest"], env.samples.entrypoint.digest.as_str());
+
+    // The resolver's body limit (256 KiB) holds here too, not the review's 4 MiB.
+    let big = json!({"images": vec!["x".repeat(1024); 300]});
+    let resp = hook
+        .client
+        .post(format!("{}/v1/resolve", hook.base))
+        .bearer_auth(RESOLVER_TOKEN)
+        .json(&big)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 413);
 }
