@@ -115,6 +115,9 @@ pub struct Metrics {
     admission_entrypoints_replaced: Counter,
     token_reviews: Family<ResultLabel, Counter>,
     handler_panics: Family<RouteLabels, Counter>,
+    log_lines_dropped: Counter,
+    /// The dropped-lines count the last scrape saw.
+    log_lines_dropped_seen: std::sync::atomic::AtomicU64,
     secret_syncs: Family<ResultLabel, Counter>,
     secret_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     secret_propagation: Histogram,
@@ -202,6 +205,12 @@ impl Metrics {
             "Containers admitted with their image as written because it could not be resolved, by reason (an error kind, or deadline)",
             admission_unpinned.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log sink could not keep up (requests never wait for it)",
+            log_lines_dropped.clone(),
+        );
         let handler_panics = Family::<RouteLabels, Counter>::default();
         registry.register(
             "http_handler_panics",
@@ -287,6 +296,8 @@ impl Metrics {
             admission_entrypoints_replaced,
             token_reviews,
             handler_panics,
+            log_lines_dropped,
+            log_lines_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             secret_syncs,
             secret_last_success,
             secret_propagation,
@@ -410,6 +421,11 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        let dropped = crate::telemetry::dropped_log_lines();
+        let seen = self
+            .log_lines_dropped_seen
+            .swap(dropped, std::sync::atomic::Ordering::Relaxed);
+        self.log_lines_dropped.inc_by(dropped.saturating_sub(seen));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

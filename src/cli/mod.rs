@@ -62,7 +62,9 @@ pub struct RegisterArgs {
     #[command(flatten)]
     pub pods: PodArgs,
     /// Print the object as JSON (valid YAML for kubectl) instead of applying it.
-    #[arg(long)]
+    #[arg(long, env = "FN_IMAGE_RESOLVER_PRINT", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true,
+          value_name = "BOOL")]
     pub print: bool,
 }
 
@@ -175,10 +177,14 @@ pub struct ResolveArgs {
 /// Parses the command line, runs the subcommand, and turns errors into an exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = crate::telemetry::init_logging(cli.log.log_format, &cli.log.log_level) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(2);
-    }
+    // Held to the end: dropping it flushes the lines still queued.
+    let _logs = match crate::telemetry::init_logging(cli.log.log_format, &cli.log.log_level) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -301,5 +307,45 @@ async fn check(url: &str) -> anyhow::Result<ExitCode> {
             eprintln!("{url}: {e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// The environment variable of `--flag-name`.
+    fn env_name(long: &str) -> String {
+        format!(
+            "FN_IMAGE_RESOLVER_{}",
+            long.to_uppercase().replace('-', "_")
+        )
+    }
+
+    #[test]
+    fn every_flag_of_serve_resolve_and_register_has_its_environment_variable() {
+        let cli = Cli::command();
+        let global: Vec<_> = cli.get_arguments().filter(|a| a.is_global_set()).collect();
+        let mut checked = 0;
+        for name in ["serve", "resolve", "register"] {
+            let sub = cli.find_subcommand(name).expect("subcommand");
+            for arg in sub.get_arguments().chain(global.iter().copied()) {
+                let Some(long) = arg.get_long() else {
+                    continue; // positional (resolve's images)
+                };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(env_name(long).as_str()),
+                    "{name} --{long}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "{checked} flags checked");
     }
 }

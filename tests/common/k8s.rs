@@ -301,15 +301,26 @@ pub async fn wait_for_secret_data(
 /// timestamped directory, then an atomic rename of the `..data` symlink.
 /// `mount/.dockerconfigjson` must link to `..data/.dockerconfigjson`.
 pub fn kubelet_swap(mount: &Path, content: &[u8], generation: usize) {
+    kubelet_swap_files(mount, &[(".dockerconfigjson", content)], generation);
+}
+
+/// The same for a volume of several files (`tls.crt`, `tls.key`, …): every
+/// file changes at once, in one rename, and each `mount/NAME` is a symlink
+/// to `..data/NAME`.
+pub fn kubelet_swap_files(mount: &Path, files: &[(&str, &[u8])], generation: usize) {
     let data = mount.join(format!("..2026_11_23_{generation}"));
     std::fs::create_dir(&data).expect("data dir");
-    std::fs::write(data.join(".dockerconfigjson"), content).expect("write");
+    for (name, content) in files {
+        std::fs::write(data.join(name), content).expect("write");
+    }
     let tmp = mount.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&data, &tmp).expect("symlink");
     std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
-    let file = mount.join(".dockerconfigjson");
-    if !file.exists() {
-        std::os::unix::fs::symlink("..data/.dockerconfigjson", &file).expect("file link");
+    for (name, _) in files {
+        let file = mount.join(name);
+        if std::fs::symlink_metadata(&file).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &file).expect("file link");
+        }
     }
 }

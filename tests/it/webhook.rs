@@ -811,3 +811,64 @@ async fn the_resolver_on_the_https_listener_needs_a_token() {
         .expect("request");
     assert_eq!(resp.status().as_u16(), 413);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotated_by_the_kubelets_symlink_swap_is_served() {
+    use crate::common::k8s::kubelet_swap_files;
+    crate::common::init_crypto();
+    let env = PlainEnv::start().await;
+    let bundle = |dir: &std::path::Path| {
+        fn_image_resolver::certs::write_bundle(dir, &["127.0.0.1".to_string()], false)
+            .expect("certs");
+        let read = |name: &str| std::fs::read(dir.join(name)).expect("read");
+        (
+            read("tls.crt"),
+            read("tls.key"),
+            String::from_utf8(read("ca.crt")).expect("pem"),
+        )
+    };
+    let (first, second) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (crt1, key1, ca1) = bundle(first.path());
+    let (crt2, key2, ca2) = bundle(second.path());
+    // The Secret volume as the kubelet lays it out.
+    let mount = tempfile::tempdir().expect("mount");
+    kubelet_swap_files(mount.path(), &[("tls.crt", &crt1), ("tls.key", &key1)], 1);
+    let mut config = crate::serve_config(&env.settings(), CacheSettings::default());
+    config.webhook = Some(WebhookConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        cert_file: mount.path().join("tls.crt"),
+        key_file: mount.path().join("tls.key"),
+        callers: Callers::Nobody,
+    });
+    let running = fn_image_resolver::app::start(config).await.expect("serve");
+    let url = format!("https://{}/healthz", running.webhook_addr.expect("webhook"));
+    let fresh = |ca: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("ca"))
+            .tls_built_in_root_certs(false)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
+    };
+    assert!(
+        fresh(&ca1).get(&url).send().await.is_ok(),
+        "the first certificate"
+    );
+    kubelet_swap_files(mount.path(), &[("tls.crt", &crt2), ("tls.key", &key2)], 2);
+    let mut rotated = false;
+    for _ in 0..250 {
+        if fresh(&ca2).get(&url).send().await.is_ok() {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotated, "the swapped-in certificate is served");
+    assert!(
+        fresh(&ca1).get(&url).send().await.is_err(),
+        "the old one is gone"
+    );
+}
