@@ -8,6 +8,9 @@
 #   scripts/bench-compare.sh 16c154c   # ROUNDS=3 DURATION=10s CONNECTIONS=16
 #   BASE_BIN=path/to/fn-image-resolver scripts/bench-compare.sh 16c154c
 #                                      # a base already built
+#   LOG_LEVEL=info scripts/bench-compare.sh cb423b1
+#                                      # both at the default log level (error
+#                                      # otherwise); logs go to files
 #
 # Needs docker-registry (scripts/install-test-deps.sh) and wrk (Debian).
 set -euo pipefail
@@ -16,6 +19,7 @@ rounds=${ROUNDS:-3}
 duration=${DURATION:-10s}
 connections=${CONNECTIONS:-16}
 reg=127.0.0.1:${REGISTRY_PORT:-15110}
+log_level=${LOG_LEVEL:-error}
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
 base_bin=${BASE_BIN:-}
@@ -38,7 +42,7 @@ $head_bin certs --san 127.0.0.1 --out "$work/certs" >/dev/null
 serve() { # binary port resolver-port
     MIMALLOC_ARENA_EAGER_COMMIT=0 "$1" serve --listen "127.0.0.1:$2" --tls-cert-file "$work/certs/tls.crt" \
         --tls-key-file "$work/certs/tls.key" --resolver-listen "127.0.0.1:$3" --insecure-registry "$reg" \
-        --log-level error &
+        --log-level "$log_level" 2>"$work/serve-$2.log" &
     pids+=("$!")
     until curl -sf "http://127.0.0.1:$3/readyz" >/dev/null; do sleep 0.01; done
 }
@@ -55,7 +59,7 @@ for port in 18451 18452; do   # the one cold miss of each server
         "https://127.0.0.1:$port/mutate?timeout=10s" -d @"$work/review.json" >/dev/null
 done
 
-echo "== $(date -u +%FT%TZ) base $(git rev-parse --short "$base") vs working tree $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores; wrk -t1 -c$connections -d$duration, $rounds rounds"
+echo "== $(date -u +%FT%TZ) base $(git rev-parse --short "$base") vs working tree $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores; wrk -t1 -c$connections -d$duration, $rounds rounds, --log-level $log_level"
 declare -A sum
 for round in $(seq "$rounds"); do
     for target in "base:18451" "head:18452" "probe:18453"; do
@@ -72,3 +76,7 @@ printf '  working tree / base: %.3f; base / probe: %.3f; working tree / probe: %
     "$(echo "${sum[head]} / ${sum[base]}" | bc -l)" \
     "$(echo "${sum[base]} / ${sum[probe]}" | bc -l)" \
     "$(echo "${sum[head]} / ${sum[probe]}" | bc -l)"
+for port in 18451 18452; do
+    printf '  log written by %s: %s lines, %s bytes\n' "$([ $port = 18451 ] && echo base || echo head)" \
+        "$(wc -l <"$work/serve-$port.log")" "$(wc -c <"$work/serve-$port.log")"
+done

@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# Installs what the tests run against: Debian's docker-registry (distribution
-# 2.8), htpasswd and curl. (kube-apiserver and etcd are built from Go modules
-# by tests/k8s/build.sh, which the tests run on first use.) Needs root (or sudo). Does nothing when both are present.
+# Installs what the tests run against from Debian: docker-registry
+# (distribution 2.8), htpasswd, curl. Then checks for what Debian does not
+# provide at the versions needed, and says how to get it: Go >= 1.24 (the
+# tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh)
+# and kubectl. Needs root (or sudo) for apt; does nothing when all is there.
 set -euo pipefail
-if command -v docker-registry >/dev/null && command -v htpasswd >/dev/null && command -v curl >/dev/null; then
-    exit 0
+
+packages=()
+command -v docker-registry >/dev/null || packages+=(docker-registry)
+command -v htpasswd >/dev/null || packages+=(apache2-utils)
+command -v curl >/dev/null || packages+=(curl ca-certificates)
+if [ ${#packages[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    # The package starts its own service on :5000 where systemd runs; the
+    # tests start their own registries, so stop it to free the port.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+        $sudo systemctl disable --now docker-registry || true
+    fi
 fi
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends docker-registry apache2-utils curl ca-certificates >/dev/null
-# The package starts its own service on :5000 where systemd runs; the tests
-# start their own registries, so stop it to free the port for the demo.
-if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
-    $sudo systemctl disable --now docker-registry || true
+
+missing=0
+go_version=$(go env GOVERSION 2>/dev/null || true)   # e.g. go1.26.8
+if [ -z "$go_version" ]; then
+    echo "missing: Go >= 1.24, to build kube-apiserver and etcd for the end-to-end tests." >&2
+    echo "  Install it from https://go.dev/dl/ (Debian 12's golang is 1.19, too old)." >&2
+    missing=1
+else
+    minor=$(echo "$go_version" | sed -E 's/^go1\.([0-9]+).*/\1/')
+    if ! [ "$minor" -ge 24 ] 2>/dev/null; then
+        echo "too old: $go_version; the end-to-end tests need Go >= 1.24 (https://go.dev/dl/)." >&2
+        missing=1
+    fi
 fi
+if ! command -v kubectl >/dev/null; then
+    echo "missing: kubectl, which the tests use to apply deploy/ and webhook-config/." >&2
+    echo "  Install it from https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ (any 1.30+)." >&2
+    missing=1
+fi
+exit "$missing"
