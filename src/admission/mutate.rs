@@ -64,7 +64,7 @@ impl Denial {
     pub fn code(&self) -> u16 {
         match self {
             Self::FunctionImage { kind, .. } => match kind {
-                ErrorKind::InvalidReference => 400,
+                ErrorKind::InvalidReference | ErrorKind::UnsupportedImage => 400,
                 ErrorKind::NotFound | ErrorKind::PlatformNotFound => 404,
                 _ => 403,
             },
@@ -451,7 +451,10 @@ fn unresolved(
             .is_some_and(|(sep, args)| sep + 1 == args.len());
         let cannot_run = matches!(
             kind,
-            ErrorKind::InvalidReference | ErrorKind::NotFound | ErrorKind::PlatformNotFound
+            ErrorKind::InvalidReference
+                | ErrorKind::NotFound
+                | ErrorKind::PlatformNotFound
+                | ErrorKind::UnsupportedImage
         ) || (needs_entrypoint && kind == ErrorKind::Unauthorized);
         if cannot_run {
             return Some(Denial::FunctionImage {

@@ -157,12 +157,54 @@ pub enum DockerConfigError {
 
 #[derive(Deserialize)]
 struct RawConfig {
-    #[serde(default)]
-    auths: HashMap<String, RawAuth>,
+    /// In the file's order: which key wins for a registry depends on it.
+    #[serde(default, deserialize_with = "in_file_order")]
+    auths: Vec<(String, RawAuth)>,
     #[serde(default, rename = "credsStore")]
     creds_store: Option<serde_json::Value>,
     #[serde(default, rename = "credHelpers")]
     cred_helpers: Option<serde_json::Value>,
+}
+
+/// A JSON object as its entries, in the order of the document.
+fn in_file_order<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(String, RawAuth)>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, RawAuth)>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of registries")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_map(Entries)
+}
+
+/// The key Docker's CLI looks Docker Hub up by.
+const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
+
+/// How strongly `key` claims `registry` (its normalized form): lower is
+/// stronger. The Docker CLI asks for the exact key first (for Docker Hub,
+/// `https://index.docker.io/v1/`); the rest follow in the file's order.
+fn claim(key: &str, registry: &str) -> u8 {
+    let exact = if registry == super::reference::DOCKER_HUB {
+        key == DOCKER_HUB_KEY
+    } else {
+        key == registry
+    };
+    u8::from(!exact)
 }
 
 #[derive(Deserialize)]
@@ -183,6 +225,16 @@ pub struct DockerConfig {
     auths: HashMap<String, Arc<KeyedCredential>>,
     /// The config names credential helpers, which we deliberately never run.
     pub ignored_helpers: bool,
+    duplicates: Vec<Duplicate>,
+}
+
+/// Two keys of `auths` for one registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub registry: String,
+    /// The key whose credential is used.
+    pub used: String,
+    pub ignored: String,
 }
 
 impl DockerConfig {
@@ -208,7 +260,10 @@ impl DockerConfig {
                 line: e.line(),
                 column: e.column(),
             })?;
-        let mut auths = HashMap::new();
+        let mut auths: HashMap<String, Arc<KeyedCredential>> = HashMap::new();
+        // Registry → (claim of the key in use, the key).
+        let mut chosen: HashMap<String, (u8, String)> = HashMap::new();
+        let mut duplicates: Vec<Duplicate> = Vec::new();
         for (key, entry) in raw.auths {
             let entry_err = |reason| DockerConfigError::Entry {
                 path: path.to_path_buf(),
@@ -241,15 +296,43 @@ impl DockerConfig {
                 // An entry without secrets (e.g. left by a credential helper) gives nothing.
                 (None, None) => continue,
             };
-            auths.insert(
-                normalize_host(&key),
-                Arc::new(KeyedCredential::new(credential)),
-            );
+            let registry = normalize_host(&key);
+            let rank = claim(&key, &registry);
+            let take = match chosen.get(&registry) {
+                None => true,
+                Some((held, held_key)) => {
+                    // An exact key repeated: the later one, as Go's decoder
+                    // keeps; otherwise the stronger claim, then file order.
+                    let take = rank < *held || (rank == 0 && *held == 0);
+                    let (used, ignored) = if take {
+                        (key.clone(), held_key.clone())
+                    } else {
+                        (held_key.clone(), key.clone())
+                    };
+                    duplicates.push(Duplicate {
+                        registry: registry.clone(),
+                        used,
+                        ignored,
+                    });
+                    take
+                }
+            };
+            if take {
+                chosen.insert(registry.clone(), (rank, key.clone()));
+                auths.insert(registry, Arc::new(KeyedCredential::new(credential)));
+            }
         }
         Ok(Self {
             auths,
             ignored_helpers: raw.creds_store.is_some() || raw.cred_helpers.is_some(),
+            duplicates,
         })
+    }
+
+    /// Keys that named a registry another key of the file named too (the
+    /// credential of `used` is in use), for a warning.
+    pub fn duplicates(&self) -> &[Duplicate] {
+        &self.duplicates
     }
 
     /// Credentials for a normalized registry host, if the config has any.
@@ -358,6 +441,51 @@ mod tests {
         };
         assert_ne!(a.identity(), b.identity());
         assert_eq!(a.identity(), a.clone().identity());
+    }
+
+    #[test]
+    fn keys_for_one_registry_are_chosen_as_the_docker_cli_does_whatever_the_order() {
+        let hub = BASE64.encode("hub:from-index-key");
+        let short = BASE64.encode("hub:from-docker-io");
+        for json in [
+            format!(
+                r#"{{"auths":{{"docker.io":{{"auth":"{short}"}},"https://index.docker.io/v1/":{{"auth":"{hub}"}}}}}}"#
+            ),
+            format!(
+                r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{hub}"}},"docker.io":{{"auth":"{short}"}}}}}}"#
+            ),
+        ] {
+            let cfg = parse(&json).expect("valid");
+            assert!(
+                matches!(cfg.get("docker.io"), Some(Credential::Basic { password, .. }) if password.expose() == "from-index-key"),
+                "{json}"
+            );
+            assert_eq!(
+                cfg.duplicates(),
+                [Duplicate {
+                    registry: "docker.io".into(),
+                    used: "https://index.docker.io/v1/".into(),
+                    ignored: "docker.io".into()
+                }]
+            );
+        }
+        // Another registry: the key equal to the host, then the file's order.
+        let cfg = parse(
+            r#"{"auths":{
+                "https://r.example.com/v2/":{"username":"u","password":"first-url"},
+                "https://r.example.com":{"username":"u","password":"second-url"},
+                "r.example.com":{"username":"u","password":"exact"},
+                "https://q.example.com/v2/":{"username":"u","password":"q-first"},
+                "http://q.example.com":{"username":"u","password":"q-second"}}}"#,
+        )
+        .expect("valid");
+        let password = |registry: &str| match cfg.get(registry) {
+            Some(Credential::Basic { password, .. }) => password.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(password("r.example.com"), "exact");
+        assert_eq!(password("q.example.com"), "q-first");
+        assert_eq!(cfg.duplicates().len(), 3);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub enum ErrorKind {
     Timeout,
     RateLimited,
     PlatformNotFound,
+    /// The image is there, verified, and cannot be used (its manifest or
+    /// config is malformed or of an unsupported kind, an argument holds a
+    /// NUL, indexes nest too deep): asking again cannot help.
+    UnsupportedImage,
     InvalidResponse,
     RegistryError,
 }
@@ -33,6 +37,7 @@ impl ErrorKind {
             Self::Timeout => "timeout",
             Self::RateLimited => "rate-limited",
             Self::PlatformNotFound => "platform-not-found",
+            Self::UnsupportedImage => "unsupported-image",
             Self::InvalidResponse => "invalid-response",
             Self::RegistryError => "registry-error",
         }
@@ -44,7 +49,11 @@ impl ErrorKind {
     pub fn is_definitive(self) -> bool {
         matches!(
             self,
-            Self::InvalidReference | Self::NotFound | Self::Unauthorized | Self::PlatformNotFound
+            Self::InvalidReference
+                | Self::NotFound
+                | Self::Unauthorized
+                | Self::PlatformNotFound
+                | Self::UnsupportedImage
         )
     }
 }
@@ -76,6 +85,8 @@ pub enum RegistryError {
         wanted: String,
         available: Vec<String>,
     },
+    #[error("{registry} serves an image that cannot be used: {detail}")]
+    UnsupportedImage { registry: String, detail: String },
     #[error("{registry} sent an invalid response: {detail}")]
     InvalidResponse { registry: String, detail: String },
     #[error("{registry} answered HTTP {status} for {what}")]
@@ -96,6 +107,7 @@ impl RegistryError {
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::RateLimited { .. } => ErrorKind::RateLimited,
             Self::PlatformNotFound { .. } => ErrorKind::PlatformNotFound,
+            Self::UnsupportedImage { .. } => ErrorKind::UnsupportedImage,
             Self::InvalidResponse { .. } => ErrorKind::InvalidResponse,
             Self::Status { .. } => ErrorKind::RegistryError,
         }

@@ -72,6 +72,8 @@ pub enum GrammarError {
     DigestLength,
     #[error("the digest algorithm is not sha256, sha384 or sha512")]
     DigestAlgorithm,
+    #[error("the digest's hex must be lower case (OCI image spec)")]
+    DigestCase,
 }
 
 /// Splits `text` into registry, repository, tag and digest.
@@ -130,11 +132,15 @@ fn check_digest(digest: &str) -> Result<(), GrammarError> {
         "sha512" => 128,
         _ => return Err(GrammarError::DigestAlgorithm),
     };
-    if hex.len() == want {
-        Ok(())
-    } else {
-        Err(GrammarError::DigestLength)
+    if hex.len() != want {
+        return Err(GrammarError::DigestLength);
     }
+    // The image spec's encoded form is [a-f0-9]; registries answer an
+    // upper-case digest with an error of their own (distribution: 500).
+    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(GrammarError::DigestCase);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,12 +17,54 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Does an index entry for `other` satisfy a request for `self`? A request
-    /// without a variant takes any variant (arm64 entries usually say `v8`).
+    /// The platform as containerd compares it (its `platforms.Normalize`):
+    /// lower case; `aarch64` is `arm64`, `x86_64` is `amd64`, `i386` is
+    /// `386`; `arm64/v8` is plain `arm64`, a plain `arm` is `arm/v7`
+    /// (`armhf`, `armel`: v7, v6), and `amd64/v1` is plain `amd64`.
+    pub fn normalized(&self) -> Platform {
+        let os = self.os.to_ascii_lowercase();
+        let arch = self.architecture.to_ascii_lowercase();
+        let variant = self.variant.as_deref().map(str::to_ascii_lowercase);
+        let (architecture, variant) = match arch.as_str() {
+            "aarch64" | "arm64" => (
+                "arm64",
+                variant.filter(|v| !matches!(v.as_str(), "8" | "v8")),
+            ),
+            "x86_64" | "x86-64" | "amd64" => ("amd64", variant.filter(|v| v != "v1")),
+            "i386" => ("386", None),
+            "armhf" => ("arm", Some("v7".to_string())),
+            "armel" => ("arm", Some("v6".to_string())),
+            "arm" => (
+                "arm",
+                Some(match variant.as_deref() {
+                    None | Some("" | "7" | "v7") => "v7".to_string(),
+                    Some("5" | "v5") => "v5".to_string(),
+                    Some("6" | "v6") => "v6".to_string(),
+                    Some("8" | "v8") => "v8".to_string(),
+                    Some(other) => other.to_string(),
+                }),
+            ),
+            other => (other, variant),
+        };
+        Platform {
+            os,
+            architecture: architecture.to_string(),
+            variant: variant.filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// Does an image for `other` serve a request for `self`? Compared
+    /// normalized; a request without a variant takes any variant.
     pub fn matches(&self, other: &Platform) -> bool {
-        self.os == other.os
-            && self.architecture == other.architecture
-            && (self.variant.is_none() || self.variant == other.variant)
+        let (wanted, offered) = (self.normalized(), other.normalized());
+        wanted.os == offered.os
+            && wanted.architecture == offered.architecture
+            && (self.variant.is_none() || wanted.variant == offered.variant)
+    }
+
+    /// The same platform, variants included, once normalized.
+    fn same(&self, other: &Platform) -> bool {
+        self.normalized() == other.normalized()
     }
 }
 
@@ -181,49 +223,44 @@ impl ClassifyName for serde_json::Error {
     }
 }
 
-/// Picks the index entry for `wanted`, or lists what the index offers.
-pub fn select_platform<'a>(
-    manifests: &'a [IndexEntry],
-    wanted: &Platform,
-) -> Result<&'a IndexEntry, Vec<String>> {
-    manifests
+/// The index entries containerd would consider for `wanted`, best first
+/// (its `images.Manifest`): those whose platform matches, the exact ones
+/// (variant included) before the rest, each group in index order; then
+/// the entries without a platform, which match any platform until their
+/// image's config says otherwise. containerd takes the first of these only.
+pub fn candidates<'a>(manifests: &'a [IndexEntry], wanted: &Platform) -> Vec<&'a IndexEntry> {
+    let mut matching: Vec<(bool, &IndexEntry)> = manifests
         .iter()
-        .find(|m| {
-            m.platform
-                .as_ref()
-                .is_some_and(|p| wanted.matches(&p.to_platform()))
+        .filter_map(|m| {
+            let offered = m.platform.as_ref()?.to_platform();
+            wanted
+                .matches(&offered)
+                .then(|| (!wanted.same(&offered), m))
         })
-        .ok_or_else(|| {
-            let mut available: Vec<String> = manifests
-                .iter()
-                .filter_map(|m| m.platform.as_ref())
-                // BuildKit attestations are listed as unknown/unknown.
-                .filter(|p| p.os != "unknown" && !p.os.is_empty())
-                .map(|p| p.to_platform().to_string())
-                .collect();
-            available.dedup();
-            available
-        })
+        .collect();
+    matching.sort_by_key(|(inexact, _)| *inexact);
+    matching
+        .into_iter()
+        .map(|(_, m)| m)
+        .chain(manifests.iter().filter(|m| m.platform.is_none()))
+        .collect()
 }
 
-#[derive(Debug, Deserialize)]
-struct RawConfig {
-    #[serde(default)]
-    os: Option<String>,
-    #[serde(default)]
-    architecture: Option<String>,
-    #[serde(default)]
-    variant: Option<String>,
-    #[serde(default)]
-    config: Option<RawContainerConfig>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawContainerConfig {
-    #[serde(default, rename = "Entrypoint")]
-    entrypoint: Option<Vec<String>>,
-    #[serde(default, rename = "Cmd")]
-    cmd: Option<Vec<String>>,
+/// What an index offers, for an error message: its platforms (BuildKit's
+/// attestations, `unknown/unknown`, left out) and how many entries say none.
+pub fn offered(manifests: &[IndexEntry]) -> Vec<String> {
+    let mut available: Vec<String> = manifests
+        .iter()
+        .filter_map(|m| m.platform.as_ref())
+        .filter(|p| p.os != "unknown" && !p.os.is_empty())
+        .map(|p| p.to_platform().to_string())
+        .collect();
+    available.dedup();
+    let platformless = manifests.iter().filter(|m| m.platform.is_none()).count();
+    if platformless > 0 {
+        available.push(format!("{platformless} without a platform"));
+    }
+    available
 }
 
 /// What an image config says about how the image starts.
@@ -234,8 +271,115 @@ pub struct ImageConfig {
     pub platform: Option<Platform>,
 }
 
+/// Does JSON object key `key` set Go struct field `name`? Go's
+/// encoding/json (which containerd and the function runner decode image
+/// configs with) matches keys to fields case-insensitively, with Unicode's
+/// two folds into ASCII letters: the Kelvin sign is `k`, the long s is `s`.
+fn go_key_matches(key: &str, name: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{212A}' => 'k',
+        '\u{017F}' => 's',
+        c => c.to_ascii_lowercase(),
+    };
+    key.chars().map(fold).eq(name.chars().map(fold))
+}
+
+/// A config read the way Go's encoding/json reads it into containerd's
+/// types: every key that matches a field's name case-insensitively sets it,
+/// in document order, so the last one wins; `null` empties a list; a second
+/// `config` object updates the fields it names and keeps the rest.
+#[derive(Default)]
+struct GoConfig {
+    os: Option<String>,
+    architecture: Option<String>,
+    variant: Option<String>,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for GoConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Top;
+        impl<'de> serde::de::Visitor<'de> for Top {
+            type Value = GoConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an image config object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GoConfig, A::Error> {
+                let mut config = GoConfig::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if go_key_matches(&key, "config") {
+                        let inner: Option<ContainerConfig> = map.next_value()?;
+                        if let Some(inner) = inner {
+                            if let Some(e) = inner.entrypoint {
+                                config.entrypoint = Some(e.unwrap_or_default());
+                            }
+                            if let Some(c) = inner.cmd {
+                                config.cmd = Some(c.unwrap_or_default());
+                            }
+                        }
+                    } else if go_key_matches(&key, "os") {
+                        config.os = map.next_value::<Option<String>>()?;
+                    } else if go_key_matches(&key, "architecture") {
+                        config.architecture = map.next_value::<Option<String>>()?;
+                    } else if go_key_matches(&key, "variant") {
+                        config.variant = map.next_value::<Option<String>>()?;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(config)
+            }
+        }
+        deserializer.deserialize_map(Top)
+    }
+}
+
+/// `config` of an image config: `Some(None)` is a key present with `null`.
+#[derive(Default)]
+struct ContainerConfig {
+    entrypoint: Option<Option<Vec<String>>>,
+    cmd: Option<Option<Vec<String>>>,
+}
+
+impl<'de> Deserialize<'de> for ContainerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = ContainerConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a container config object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ContainerConfig, A::Error> {
+                let mut config = ContainerConfig::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if go_key_matches(&key, "Entrypoint") {
+                        config.entrypoint = Some(map.next_value()?);
+                    } else if go_key_matches(&key, "Cmd") {
+                        config.cmd = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(config)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 pub fn parse_config(body: &[u8]) -> Result<ImageConfig, ManifestError> {
-    let raw: RawConfig = serde_json::from_slice(body).map_err(|e| {
+    let raw: GoConfig = serde_json::from_slice(body).map_err(|e| {
         ManifestError(format!(
             "the image config is not valid JSON ({})",
             e.classify_name()
@@ -251,13 +395,9 @@ pub fn parse_config(body: &[u8]) -> Result<ImageConfig, ManifestError> {
         }
         _ => None,
     };
-    let config = raw.config;
     Ok(ImageConfig {
-        entrypoint: config
-            .as_ref()
-            .and_then(|c| c.entrypoint.clone())
-            .unwrap_or_default(),
-        cmd: config.and_then(|c| c.cmd).unwrap_or_default(),
+        entrypoint: raw.entrypoint.unwrap_or_default(),
+        cmd: raw.cmd.unwrap_or_default(),
         platform,
     })
 }
@@ -372,8 +512,6 @@ mod tests {
         let p: Platform = "linux/arm64".parse().expect("valid");
         assert!(p.matches(&"linux/arm64/v8".parse().expect("valid")));
         assert!(!p.matches(&"linux/amd64".parse().expect("valid")));
-        let v7: Platform = "linux/arm/v7".parse().expect("valid");
-        assert!(!v7.matches(&"linux/arm/v6".parse().expect("valid")));
         for bad in ["linux", "linux/", "/amd64", "a/b/c/d", "linux/amd 64", ""] {
             assert!(bad.parse::<Platform>().is_err(), "{bad}");
         }
@@ -401,35 +539,112 @@ mod tests {
     }
 
     #[test]
-    fn missing_platform_lists_what_is_there() {
+    fn candidates_come_matching_then_exact_first_then_platformless_in_index_order() {
         let index = br#"{"manifests":[
             {"digest":"sha256:1","platform":{"os":"linux","architecture":"amd64"}},
             {"digest":"sha256:2","platform":{"os":"linux","architecture":"arm","variant":"v7"}},
-            {"digest":"sha256:3","platform":{"os":"unknown","architecture":"unknown"}}]}"#;
+            {"digest":"sha256:3","platform":{"os":"unknown","architecture":"unknown"}},
+            {"digest":"sha256:4"},
+            {"digest":"sha256:5","platform":{"os":"linux","architecture":"arm64","variant":"v8"}},
+            {"digest":"sha256:6","platform":{"os":"linux","architecture":"arm64"}},
+            {"digest":"sha256:7"}]}"#;
         let ManifestKind::Index { manifests } = parse_manifest(index, None).expect("index") else {
             panic!("not an index")
         };
-        let err = select_platform(&manifests, &"linux/s390x".parse().expect("valid"))
-            .expect_err("missing");
+        let digests = |wanted: &str| -> Vec<&str> {
+            candidates(&manifests, &wanted.parse().expect("valid"))
+                .iter()
+                .map(|m| m.digest.as_str())
+                .collect()
+        };
+        assert_eq!(digests("linux/amd64"), ["sha256:1", "sha256:4", "sha256:7"]);
+        assert_eq!(digests("linux/arm"), ["sha256:2", "sha256:4", "sha256:7"]);
+        // arm64 and arm64/v8 are one platform, whichever way round.
         assert_eq!(
-            err,
-            vec!["linux/amd64".to_string(), "linux/arm/v7".to_string()]
+            digests("linux/arm64"),
+            ["sha256:5", "sha256:6", "sha256:4", "sha256:7"]
         );
-        let ok = select_platform(&manifests, &"linux/arm".parse().expect("valid")).expect("found");
-        assert_eq!(ok.digest, "sha256:2");
+        assert_eq!(
+            digests("linux/arm64/v8"),
+            ["sha256:5", "sha256:6", "sha256:4", "sha256:7"]
+        );
+        assert_eq!(digests("linux/s390x"), ["sha256:4", "sha256:7"]);
+        assert_eq!(
+            offered(&manifests),
+            [
+                "linux/amd64",
+                "linux/arm/v7",
+                "linux/arm64/v8",
+                "linux/arm64",
+                "2 without a platform"
+            ]
+        );
     }
 
     #[test]
-    fn config_entrypoint_and_cmd() {
-        let c = parse_config(br#"{"os":"linux","architecture":"amd64","config":{"Entrypoint":["/fn"],"Cmd":["--x"]}}"#).expect("valid");
-        assert_eq!(c.entrypoint, vec!["/fn"]);
-        assert_eq!(c.cmd, vec!["--x"]);
+    fn platforms_normalize_as_containerd_does() {
+        let n = |s: &str| {
+            s.parse::<Platform>()
+                .expect("valid")
+                .normalized()
+                .to_string()
+        };
+        assert_eq!(n("linux/arm64/v8"), "linux/arm64");
+        assert_eq!(n("linux/aarch64"), "linux/arm64");
+        assert_eq!(n("linux/arm"), "linux/arm/v7");
+        assert_eq!(n("linux/armhf"), "linux/arm/v7");
+        assert_eq!(n("linux/x86_64"), "linux/amd64");
+        assert_eq!(n("Linux/AMD64"), "linux/amd64");
+        assert_eq!(n("linux/amd64/v3"), "linux/amd64/v3");
+        let p = |s: &str| s.parse::<Platform>().expect("valid");
+        assert!(p("linux/arm64/v8").matches(&p("linux/arm64")));
+        assert!(p("linux/arm64").matches(&p("linux/arm64/v8")));
+        assert!(p("linux/arm/v7").matches(&p("linux/arm")));
+        assert!(!p("linux/arm/v7").matches(&p("linux/arm/v6")));
+        assert!(!p("linux/amd64").matches(&p("linux/arm64")));
+    }
+
+    #[test]
+    fn config_keys_are_read_as_go_reads_them() {
+        let entrypoint = |json: &str| parse_config(json.as_bytes()).expect("valid").entrypoint;
         assert_eq!(
-            c.platform.map(|p| p.to_string()),
+            entrypoint(r#"{"config":{"entrypoint":["/lower"]}}"#),
+            ["/lower"]
+        );
+        assert_eq!(
+            entrypoint(r#"{"CONFIG":{"ENTRYPOINT":["/upper"]}}"#),
+            ["/upper"]
+        );
+        // Several keys for one field: the last in the document wins.
+        assert_eq!(
+            entrypoint(r#"{"config":{"Entrypoint":["/first"],"entrypoint":["/second"]}}"#),
+            ["/second"]
+        );
+        assert_eq!(
+            entrypoint(r#"{"config":{"entrypoint":["/first"],"Entrypoint":["/second"]}}"#),
+            ["/second"]
+        );
+        assert!(entrypoint(r#"{"config":{"Entrypoint":["/a"],"entrypoint":null}}"#).is_empty());
+        // A second config object updates what it names, keeps the rest.
+        let c = parse_config(br#"{"config":{"Entrypoint":["/a"]},"Config":{"Cmd":["x"]}}"#)
+            .expect("valid");
+        assert_eq!(
+            (c.entrypoint, c.cmd),
+            (vec!["/a".to_string()], vec!["x".to_string()])
+        );
+        // Go's two non-ASCII folds: the Kelvin sign and the long s.
+        assert_eq!(
+            parse_config("{\"\u{017F}\":1,\"config\":{\"Cmd\":[\"k\"]},\"O\u{017F}\":\"linux\",\"architecture\":\"amd64\"}".as_bytes())
+                .expect("valid")
+                .platform
+                .map(|p| p.to_string()),
             Some("linux/amd64".to_string())
         );
-        let c = parse_config(br#"{"config":{"Entrypoint":null}}"#).expect("valid");
-        assert!(c.entrypoint.is_empty() && c.cmd.is_empty() && c.platform.is_none());
+        assert!(
+            go_key_matches("entrypoint", "Entrypoint")
+                && !go_key_matches("entry_point", "Entrypoint")
+        );
+        assert!(parse_config(br#"{"config":{"Entrypoint":"/not-a-list"}}"#).is_err());
     }
 
     #[test]

@@ -26,9 +26,15 @@ pub use self::docker_config::{
 };
 pub use self::error::{ErrorKind, RegistryError, ResolveError};
 pub use self::manifest::{Digest, Platform, PlatformError};
-use self::manifest::{ManifestKind, parse_config, parse_manifest, select_platform, verify_digest};
+use self::manifest::{
+    ManifestKind, candidates, offered, parse_config, parse_manifest, verify_digest,
+};
 pub use self::reference::ImageRef;
 use self::tls::TlsError;
+
+/// Deepest nesting of indexes followed (the OCI image spec allows an index
+/// in an index; containerd descends them).
+const MAX_INDEX_DEPTH: usize = 4;
 
 /// Everything the resolver needs to know, independent of how it was configured.
 #[derive(Debug, Clone)]
@@ -231,6 +237,15 @@ impl Credentials {
 }
 
 fn warn_about(config: &DockerConfig, path: &std::path::Path) {
+    for duplicate in config.duplicates() {
+        warn!(
+            path = %path.display(),
+            registry = %duplicate.registry,
+            used = %duplicate.used,
+            ignored = %duplicate.ignored,
+            "two keys of the Docker config name one registry; using the one the Docker CLI would"
+        );
+    }
     if config.ignored_helpers {
         warn!(path = %path.display(), "Docker config names credsStore/credHelpers; those are ignored, only \"auths\" is used");
     }
@@ -499,44 +514,69 @@ impl Resolver {
                 computed
             }
         };
-        let kind =
-            parse_manifest(&top.body, top.content_type.as_deref()).map_err(|e| invalid(e.0))?;
-        let config = match kind {
-            ManifestKind::Image { config } => config,
-            ManifestKind::Index { manifests } => {
-                let entry = select_platform(&manifests, platform).map_err(|available| {
-                    RegistryError::PlatformNotFound {
-                        wanted: platform.to_string(),
-                        available,
-                    }
-                })?;
-                let child = self.client.get_manifest(target, &entry.digest).await?;
-                verify_digest(&entry.digest, &child.body)
-                    .map_err(|e| invalid(format!("platform manifest {e}")))?;
-                match parse_manifest(&child.body, child.content_type.as_deref())
-                    .map_err(|e| invalid(e.0))?
-                {
-                    ManifestKind::Image { config } => config,
-                    ManifestKind::Index { .. } => {
-                        return Err(invalid(
-                            "the platform entry of the index is another index".into(),
-                        ));
-                    }
-                }
+        let unsupported = |detail: String| RegistryError::UnsupportedImage {
+            registry: reference.registry().to_string(),
+            detail,
+        };
+        // Down the indexes as containerd goes: at each, the first candidate
+        // only (see `manifest::candidates`); the digest pinned stays the
+        // top-level one, the entrypoint is the chosen image's.
+        let mut body = top;
+        let mut depth = 0;
+        // Set when the image was chosen through an entry without a
+        // platform: then its config must say the platform asked for.
+        let mut unchecked: Option<Vec<String>> = None;
+        let config = loop {
+            let kind = parse_manifest(&body.body, body.content_type.as_deref())
+                .map_err(|e| unsupported(e.0))?;
+            let manifests = match kind {
+                ManifestKind::Image { config } => break config,
+                ManifestKind::Index { manifests } => manifests,
+            };
+            depth += 1;
+            if depth > MAX_INDEX_DEPTH {
+                return Err(unsupported(format!(
+                    "its indexes nest deeper than {MAX_INDEX_DEPTH}"
+                )));
             }
+            let Some(entry) = candidates(&manifests, platform).into_iter().next() else {
+                return Err(RegistryError::PlatformNotFound {
+                    wanted: platform.to_string(),
+                    available: offered(&manifests),
+                });
+            };
+            unchecked = entry.platform.is_none().then(|| offered(&manifests));
+            let child = self.client.get_manifest(target, &entry.digest).await?;
+            verify_digest(&entry.digest, &child.body)
+                .map_err(|e| invalid(format!("platform manifest {e}")))?;
+            body = child;
         };
         let blob = self.client.get_config_blob(target, &config.digest).await?;
         verify_digest(&config.digest, &blob).map_err(|e| invalid(format!("config blob {e}")))?;
-        let parsed = parse_config(&blob).map_err(|e| invalid(e.0))?;
-        // The cache packs the arguments NUL-terminated; no program can be
-        // given a NUL anyway (exec takes C strings).
+        let parsed = parse_config(&blob).map_err(|e| unsupported(e.0))?;
+        if let Some(mut available) = unchecked {
+            // containerd runs an image chosen without a platform only if
+            // its config's platform is the node's.
+            let says = parsed.platform.as_ref();
+            if !says.is_some_and(|p| platform.matches(p)) {
+                available.push(format!(
+                    "its first candidate has no platform and its config says {}",
+                    says.map_or_else(|| "none".to_string(), ToString::to_string)
+                ));
+                return Err(RegistryError::PlatformNotFound {
+                    wanted: platform.to_string(),
+                    available,
+                });
+            }
+        }
+        // No program can be given a NUL (exec takes C strings).
         if parsed
             .entrypoint
             .iter()
             .chain(&parsed.cmd)
             .any(|a| a.contains('\0'))
         {
-            return Err(invalid(
+            return Err(unsupported(
                 "the image config's Entrypoint or Cmd holds a NUL character, which no program argument can hold".into(),
             ));
         }

@@ -355,6 +355,10 @@ mod tests {
                 "ghcr.io/a/b@md5:0123456789abcdef0123456789abcdef",
                 "algorithm",
             ),
+            (
+                &format!("ghcr.io/a/b@sha256:{}", "AB".repeat(32)),
+                "lower case",
+            ),
             ("ghcr.io/a b", "character"),
             ("ghcr.io/a/b\n", "character"),
             ("ghcr.io//b", "grammar"),

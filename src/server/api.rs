@@ -84,6 +84,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidReference => StatusCode::BAD_REQUEST,
         ErrorKind::NotFound | ErrorKind::PlatformNotFound => StatusCode::NOT_FOUND,
+        ErrorKind::UnsupportedImage => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Unauthorized

@@ -98,26 +98,126 @@ pub fn image(
     }
 }
 
-/// A multi-platform index over `images`.
+/// An image whose config is `config` as given (any keys, any platform or
+/// none), with one layer unique to `name`.
+pub fn image_with_config(name: &str, config: Value, docker: bool) -> Image {
+    image_with_config_text(name, &config.to_string(), docker)
+}
+
+/// The same with the config's exact text (keys in the order written:
+/// `serde_json::Value` sorts them).
+pub fn image_with_config_text(name: &str, config: &str, docker: bool) -> Image {
+    let layer = Blob::new(format!("layer of {name}").into_bytes());
+    let parsed: Value = serde_json::from_str(config).expect("config json");
+    let platform = (
+        parsed["os"].as_str().unwrap_or_default().to_string(),
+        parsed["architecture"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    );
+    let config = Blob::new(config.as_bytes().to_vec());
+    let (media_type, config_type, layer_type) = if docker {
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
+    };
+    let manifest = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": {"mediaType": config_type, "digest": config.digest, "size": config.bytes.len()},
+        "layers": [{"mediaType": layer_type, "digest": layer.digest, "size": layer.bytes.len()}],
+    }))
+    .expect("manifest json");
+    Image {
+        digest: sha256(&manifest),
+        config,
+        layer,
+        manifest,
+        media_type,
+        platform,
+    }
+}
+
+/// A multi-platform index: its images and nested indexes (all uploaded
+/// before it) and its body.
 #[derive(Debug, Clone)]
 pub struct Index {
     pub images: Vec<Image>,
+    pub nested: Vec<Index>,
     pub body: Vec<u8>,
     pub media_type: &'static str,
     pub digest: String,
 }
 
-pub fn index(images: Vec<Image>, docker: bool) -> Index {
+/// One entry of an index: an image or an index, with the `platform` (and
+/// `annotations`) the entry states; `None`: the field is left out.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub target: Target,
+    pub platform: Option<Value>,
+    pub annotations: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Image(Image),
+    Index(Index),
+}
+
+impl Child {
+    /// `image` with the platform of its config.
+    pub fn image(image: Image) -> Self {
+        let platform = Some(json!({"os": image.platform.0, "architecture": image.platform.1}));
+        Self {
+            target: Target::Image(image),
+            platform,
+            annotations: None,
+        }
+    }
+
+    /// `image` listed with `platform` (`None`: no platform field at all).
+    pub fn image_as(image: Image, platform: Option<Value>) -> Self {
+        Self {
+            target: Target::Image(image),
+            platform,
+            annotations: None,
+        }
+    }
+
+    pub fn index(index: Index, platform: Option<Value>) -> Self {
+        Self {
+            target: Target::Index(index),
+            platform,
+            annotations: None,
+        }
+    }
+}
+
+/// An index over `children`, in this order.
+pub fn index_of(children: Vec<Child>, docker: bool) -> Index {
     let media_type = if docker { DOCKER_LIST } else { OCI_INDEX };
-    let manifests: Vec<Value> = images
-        .iter()
-        .map(|i| {
-            json!({
-                "mediaType": i.media_type,
-                "digest": i.digest,
-                "size": i.manifest.len(),
-                "platform": {"os": i.platform.0, "architecture": i.platform.1},
-            })
+    let mut images = Vec::new();
+    let mut nested = Vec::new();
+    let manifests: Vec<Value> = children
+        .into_iter()
+        .map(|child| {
+            let (child_type, digest, size) = match &child.target {
+                Target::Image(i) => (i.media_type, i.digest.clone(), i.manifest.len()),
+                Target::Index(i) => (i.media_type, i.digest.clone(), i.body.len()),
+            };
+            let mut entry = json!({"mediaType": child_type, "digest": digest, "size": size});
+            if let Some(platform) = child.platform {
+                entry["platform"] = platform;
+            }
+            if let Some(annotations) = child.annotations {
+                entry["annotations"] = annotations;
+            }
+            match child.target {
+                Target::Image(i) => images.push(i),
+                Target::Index(i) => nested.push(i),
+            }
+            entry
         })
         .collect();
     let body = serde_json::to_vec_pretty(&json!({
@@ -129,9 +229,15 @@ pub fn index(images: Vec<Image>, docker: bool) -> Index {
     Index {
         digest: sha256(&body),
         images,
+        nested,
         body,
         media_type,
     }
+}
+
+/// A multi-platform index over `images`, each listed with its platform.
+pub fn index(images: Vec<Image>, docker: bool) -> Index {
+    index_of(images.into_iter().map(Child::image).collect(), docker)
 }
 
 /// Uploads images to a registry at `base` (e.g. `http://127.0.0.1:5000`).
@@ -270,6 +376,9 @@ impl Pusher {
             self.blob(repo, &image.config).await;
             self.manifest(repo, &image.digest, &image.manifest, image.media_type)
                 .await;
+        }
+        for nested in &index.nested {
+            Box::pin(self.index(repo, &nested.digest, nested)).await;
         }
         self.manifest(repo, tag, &index.body, index.media_type)
             .await;

@@ -14,6 +14,7 @@ mod layers;
 mod mirror;
 pub mod resolve_auth;
 mod resolve_plain;
+mod resolve_shapes;
 mod resolve_tls;
 mod serve;
 mod webhook;

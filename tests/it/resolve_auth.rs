@@ -522,3 +522,30 @@ async fn a_token_request_follows_no_redirect() {
         "no credential followed a redirect to the token server"
     );
 }
+
+#[tokio::test]
+async fn two_config_keys_for_one_registry_pick_the_exact_one_in_either_order() {
+    let env = basic_env().await;
+    let host = env.registry.host.clone();
+    let image = format!("{host}/fns/set-namespace:v0.4");
+    let right = basic_auth("fn-user", PASSWORD);
+    let wrong = basic_auth("fn-user", "wrong-pass");
+    // Written as text: the order of the keys is the point.
+    for text in [
+        format!(
+            r#"{{"auths":{{"{host}":{{"auth":"{right}"}},"https://{host}/v2/":{{"auth":"{wrong}"}}}}}}"#
+        ),
+        format!(
+            r#"{{"auths":{{"https://{host}/v2/":{{"auth":"{wrong}"}},"{host}":{{"auth":"{right}"}}}}}}"#
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(".dockerconfigjson");
+        std::fs::write(&path, &text).expect("write");
+        let got = resolver(&env.settings(&path))
+            .resolve(&image, None)
+            .await
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(got.digest, env.samples.entrypoint.digest);
+    }
+}
