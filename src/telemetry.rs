@@ -16,8 +16,9 @@ pub enum LogFormat {
 
 /// Lines waiting for the writer thread; past this, new lines are dropped
 /// and counted (`log_lines_dropped_total`) rather than making a request
-/// wait for the sink.
-const QUEUED_LINES: usize = 16 * 1024;
+/// wait for the sink. The queue is allocated whole at start (32 bytes a
+/// line), so it is kept small: a burst this long is already an overload.
+const QUEUED_LINES: usize = 1024;
 
 /// The counter of dropped lines of the installed logger.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();

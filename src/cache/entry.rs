@@ -29,7 +29,9 @@ pub(super) struct Entry(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {
-    image: Box<str>,
+    /// The image as written, when that is not its normalized reference
+    /// (pods mostly name images in full, as the reference reads).
+    written: Option<Box<str>>,
     catalog: bool,
     /// Boxed: nearly every request is for the default platform.
     platform: Option<Box<Platform>>,
@@ -49,8 +51,9 @@ impl Entry {
         credential: Option<CredentialId>,
         outcome: Result<ImageInfo, RegistryError>,
     ) -> Self {
+        let written = (wanted.image != reference.as_str()).then(|| wanted.image.into());
         Self(Arc::new(Inner {
-            image: wanted.image.into(),
+            written,
             catalog: wanted.catalog,
             platform: wanted.platform.cloned().map(Box::new),
             reference,
@@ -73,7 +76,7 @@ impl Entry {
     pub(super) fn renewed(&self) -> Self {
         let inner = &self.0;
         Self(Arc::new(Inner {
-            image: inner.image.clone(),
+            written: inner.written.clone(),
             catalog: inner.catalog,
             platform: inner.platform.clone(),
             reference: inner.reference.clone(),
@@ -86,7 +89,11 @@ impl Entry {
     /// The request this entry answers.
     pub(super) fn wanted(&self) -> Wanted<'_> {
         Wanted {
-            image: &self.0.image,
+            image: self
+                .0
+                .written
+                .as_deref()
+                .unwrap_or_else(|| self.0.reference.as_str()),
             catalog: self.0.catalog,
             platform: self.0.platform.as_deref(),
         }
@@ -197,6 +204,22 @@ mod tests {
             entry.reference().to_string(),
             "ghcr.io/kptdev/krm-functions-catalog/busybox:latest"
         );
+    }
+
+    #[test]
+    fn an_image_written_as_its_reference_reads_is_kept_once() {
+        let image = "gcr.io/kpt-fn/set-namespace:v0.4.1";
+        let entry = Entry::new(wanted(image), reference(image), None, Ok(info(&["f"])));
+        assert!(entry.0.written.is_none());
+        assert!(entry.is_for(wanted(image)));
+        let short = "gcr.io/kpt-fn/set-namespace";
+        let entry = Entry::new(wanted(short), reference(short), None, Ok(info(&["f"])));
+        assert_eq!(
+            entry.0.written.as_deref(),
+            Some(short),
+            "the tag is implied"
+        );
+        assert!(entry.is_for(wanted(short)) && !entry.is_for(wanted(&format!("{short}:latest"))));
     }
 
     #[test]

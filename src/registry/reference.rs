@@ -165,6 +165,11 @@ impl ImageRef {
         &self.text
     }
 
+    /// The normalized reference as text (what `to_string` gives, borrowed).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
     /// The normalized registry host (`docker.io` for Docker Hub), with its port.
     pub fn registry(&self) -> &str {
         &self.text()[..usize::from(self.registry_end)]
