@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +26,12 @@ impl std::fmt::Debug for Issued {
     }
 }
 
-/// A self-signed certificate authority that can sign serving certificates.
+/// A certificate authority that signs serving certificates: made here, or
+/// loaded back from its PEM (a CA kept in a Secret signs the renewals).
 pub struct CertificateAuthority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -38,18 +41,34 @@ impl std::fmt::Debug for CertificateAuthority {
     }
 }
 
-const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Lifetime of a CA made here.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of a serving certificate, unless said otherwise.
+pub const LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A little slack for clocks that disagree between us and the API server.
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + lifetime;
+    // A little slack for clocks that disagree between us and the API server:
+    // five minutes, or a tenth of a short lifetime (so that its renewal, two
+    // thirds in, still comes after it was made).
+    let slack = Duration::from_secs(300).min(lifetime / 10);
+    params.not_before = now - time::Duration::try_from(slack).unwrap_or(time::Duration::ZERO);
+    let lifetime = time::Duration::try_from(lifetime).unwrap_or(time::Duration::MAX);
+    params.not_after = now
+        .checked_add(lifetime)
+        .unwrap_or(time::OffsetDateTime::new_utc(
+            time::Date::MAX,
+            time::Time::MIDNIGHT,
+        ));
 }
 
 impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, CertError> {
+        Self::generate_for(common_name, CA_LIFETIME)
+    }
+
+    /// A new self-signed CA valid for `lifetime`.
+    pub fn generate_for(common_name: &str, lifetime: Duration) -> Result<Self, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -61,22 +80,41 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        validity(&mut params, CA_LIFETIME);
+        validity(&mut params, lifetime);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
         Ok(Self {
-            issuer: CertifiedIssuer::self_signed(params, key)?,
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA whose certificate and key are these PEM texts.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
         })
     }
 
     pub fn cert_pem(&self) -> String {
-        self.issuer.pem()
+        self.cert_pem.clone()
     }
 
     pub fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+        self.key_pem.clone()
     }
 
     /// A serving certificate for `names` (DNS names or IP addresses).
     pub fn issue(&self, names: &[String]) -> Result<Issued, CertError> {
+        self.issue_for(names, LEAF_LIFETIME)
+    }
+
+    /// The same, valid for `lifetime`.
+    pub fn issue_for(&self, names: &[String], lifetime: Duration) -> Result<Issued, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
@@ -93,7 +131,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        validity(&mut params, LEAF_LIFETIME);
+        validity(&mut params, lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),

@@ -115,6 +115,7 @@ pub struct Metrics {
     admission_entrypoints_replaced: Counter,
     token_reviews: Family<ResultLabel, Counter>,
     handler_panics: Family<RouteLabels, Counter>,
+    prewarm: Family<ResultLabel, Counter>,
     log_lines_dropped: Counter,
     /// The dropped-lines count the last scrape saw.
     log_lines_dropped_seen: std::sync::atomic::AtomicU64,
@@ -211,6 +212,12 @@ impl Metrics {
             "Log lines dropped because the log sink could not keep up (requests never wait for it)",
             log_lines_dropped.clone(),
         );
+        let prewarm = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "prewarm_images",
+            "Images resolved at start-up to warm the cache, by result (cached, failed)",
+            prewarm.clone(),
+        );
         let handler_panics = Family::<RouteLabels, Counter>::default();
         registry.register(
             "http_handler_panics",
@@ -296,6 +303,7 @@ impl Metrics {
             admission_entrypoints_replaced,
             token_reviews,
             handler_panics,
+            prewarm,
             log_lines_dropped,
             log_lines_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             secret_syncs,
@@ -363,6 +371,15 @@ impl Metrics {
     pub fn admission_unpinned(&self, reason: &'static str) {
         self.admission_unpinned
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// An image resolved (or not) at start-up; `result` is cached or failed.
+    pub fn prewarm(&self, result: &'static str) {
+        self.prewarm
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
             .inc();
     }
 

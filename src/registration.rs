@@ -185,13 +185,53 @@ pub async fn apply(
 /// The readiness check registration reports into.
 pub const READINESS_CHECK: &str = "webhook-registration";
 
-/// Applies `config` until it succeeds, retrying with backoff (the API server
-/// may not be reachable yet); `readiness` says why it is not done yet.
-pub async fn register_until_done(
-    config: MutatingWebhookConfiguration,
+/// Keeps the webhook registered: applies `config` until it succeeds
+/// (retrying with backoff: the API server may not be reachable yet), and
+/// again whenever the CA in `ca` changes (a managed serving certificate);
+/// `readiness` says why it is not done yet.
+pub async fn keep_registered(
+    config: RegistrationConfig,
+    mut ca: Option<tokio::sync::watch::Receiver<Option<Vec<u8>>>>,
     readiness: std::sync::Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
+    loop {
+        let mut webhook = match build(&config) {
+            Ok(webhook) => webhook,
+            Err(e) => {
+                warn!(error = %e, "cannot build the webhook configuration");
+                readiness.set(READINESS_CHECK, Err(e.to_string()));
+                return;
+            }
+        };
+        if config.ca_bundle_file.is_none()
+            && let Some(ca) = &mut ca
+        {
+            let bundle = ca.borrow_and_update().clone();
+            for hook in webhook.webhooks.iter_mut().flatten() {
+                hook.client_config.ca_bundle = bundle.clone().map(ByteString);
+            }
+        }
+        if !apply_until_done(&webhook, &readiness, &shutdown).await {
+            return;
+        }
+        let Some(ca) = &mut ca else {
+            return;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = ca.changed() => if changed.is_err() { return },
+        }
+        info!("the serving CA changed; registering its caBundle");
+    }
+}
+
+/// Applies `config` until it succeeds or `shutdown`; says whether it did.
+async fn apply_until_done(
+    config: &MutatingWebhookConfiguration,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> bool {
     let name = config.metadata.name.clone().unwrap_or_default();
     let mut backoff = Backoff::new(
         std::time::Duration::from_millis(500),
@@ -199,24 +239,34 @@ pub async fn register_until_done(
     );
     loop {
         let result = match crate::cluster::client().await {
-            Ok(client) => apply(client, &config).await.map_err(|e| e.to_string()),
+            Ok(client) => apply(client, config).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         match result {
             Ok(()) => {
                 info!(name, "webhook registered");
                 readiness.set(READINESS_CHECK, Ok(()));
-                return;
+                return true;
             }
             Err(e) => {
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "webhook registration failed");
                 readiness.set(READINESS_CHECK, Err(e));
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return false,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
+    }
+}
+
+/// Deletes the webhook configuration `name`; `Ok(false)` when it was gone.
+pub async fn delete(client: kube::Client, name: &str) -> Result<bool, kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
 }

@@ -18,6 +18,7 @@ pub use self::shutdown::signal;
 use crate::admission::{AdmissionSettings, Admitter};
 use crate::cache::{CacheSettings, CachedResolver};
 use crate::health::Readiness;
+use crate::managed_tls::ManagedTlsSettings;
 use crate::metrics::Metrics;
 use crate::registration::RegistrationConfig;
 use crate::registry::{Resolver, ResolverSettings};
@@ -45,16 +46,26 @@ pub struct ServeConfig {
     pub mirror: Option<MirrorSettings>,
     /// Register the webhook at start-up, when set.
     pub registration: Option<RegistrationConfig>,
+    /// Warm the cache before saying ready.
+    pub prewarm: crate::prewarm::PrewarmSettings,
 }
 
 /// The HTTPS listener.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub listen: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub certificate: ServingCertificate,
     /// Who may call `/v1/resolve` on it (nobody, by default).
     pub callers: Callers,
+}
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum ServingCertificate {
+    /// PEM files, re-read when they change (a mounted Secret).
+    Files { cert: PathBuf, key: PathBuf },
+    /// A Secret this service keeps itself, shared by every replica.
+    Managed(ManagedTlsSettings),
 }
 
 /// Callers of `/v1/resolve` on the HTTPS listener.
@@ -141,15 +152,53 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                 .in_current_span(),
         );
     }
+    // The serving certificate, before anything is served or registered: a
+    // managed one's CA is what registration writes as the caBundle.
+    let mut ca_bundle = None;
+    let serving = match config.webhook.as_ref().map(|w| &w.certificate) {
+        None => None,
+        Some(ServingCertificate::Files { cert, key }) => {
+            let cert = ReloadingCert::load(cert.clone(), key.clone())?;
+            background.spawn(cert.clone().watch(stop.clone()).in_current_span());
+            Some(cert)
+        }
+        Some(ServingCertificate::Managed(settings)) => {
+            let (cert, ca) = managed_certificate(settings, &mut background, &stop).await?;
+            ca_bundle = Some(ca);
+            Some(cert)
+        }
+    };
     if let Some(registration) = &config.registration {
-        let webhook = crate::registration::build(registration)?;
+        // Checked now: a configuration that cannot be built is a start-up error.
+        crate::registration::build(registration)?;
         readiness.set(
             crate::registration::READINESS_CHECK,
             Err("not registered yet".into()),
         );
         background.spawn(
-            crate::registration::register_until_done(webhook, readiness.clone(), stop.clone())
-                .in_current_span(),
+            crate::registration::keep_registered(
+                registration.clone(),
+                ca_bundle,
+                readiness.clone(),
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
+    }
+
+    if !config.prewarm.is_empty() {
+        readiness.set(
+            crate::prewarm::READINESS_CHECK,
+            Err("warming the cache".into()),
+        );
+        background.spawn(
+            crate::prewarm::run(
+                config.prewarm.clone(),
+                cache.clone(),
+                metrics.clone(),
+                readiness.clone(),
+            )
+            .in_current_span(),
         );
     }
 
@@ -168,10 +217,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     });
 
     let mut webhook_addr = None;
-    if let Some(webhook) = &config.webhook {
-        let cert = ReloadingCert::load(webhook.cert_file.clone(), webhook.key_file.clone())?;
+    if let (Some(webhook), Some(cert)) = (&config.webhook, serving) {
         cert.observe(metrics.clone());
-        background.spawn(cert.clone().watch(stop.clone()).in_current_span());
         let callers = match &webhook.callers {
             Callers::Nobody => None,
             Callers::TokenFile(path) => Some(Authenticator::Tokens(Tokens::load(path)?)),
@@ -226,6 +273,45 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         listeners,
         background,
     })
+}
+
+/// The managed serving certificate: the Secret's (made or renewed first
+/// when due; retried for a while, the API server may be starting too),
+/// then followed in the background. Also gives the CA to register.
+async fn managed_certificate(
+    settings: &ManagedTlsSettings,
+    background: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> anyhow::Result<(
+    Arc<ReloadingCert>,
+    tokio::sync::watch::Receiver<Option<Vec<u8>>>,
+)> {
+    let client = crate::cluster::client()
+        .await
+        .map_err(|e| anyhow::anyhow!("--managed-tls-secret: {e}"))?;
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, &settings.namespace);
+    let mut backoff =
+        crate::reload::Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let bundle = loop {
+        match crate::managed_tls::ensure(&api, settings).await {
+            Ok(bundle) => break bundle,
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                warn!(error = %e, "no serving certificate yet; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let source = format!("{}/{}", settings.namespace, settings.secret);
+    let cert = ReloadingCert::from_pem(&source, &bundle.cert_pem, &bundle.key_pem)?;
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem);
+    background.spawn(
+        crate::managed_tls::follow(api, settings.clone(), cert.clone(), ca_tx, stop.clone())
+            .in_current_span(),
+    );
+    Ok((cert, ca_rx))
 }
 
 /// `serve`: starts, runs until SIGTERM or SIGINT (or a listener fails), then

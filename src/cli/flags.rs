@@ -18,6 +18,15 @@ use crate::telemetry::LogFormat;
 
 // The domain's enums as flag values: clap stays in this module.
 
+/// A duration longer than zero (a zero period would make a timer spin).
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl ValueEnum for FailureMode {
     fn value_variants<'a>() -> &'a [Self] {
         &[Self::Open, Self::Closed]
@@ -274,6 +283,37 @@ pub struct ServerArgs {
     pub request_timeout: Duration,
 }
 
+/// Warming the cache at start-up (`serve`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cache warming")]
+pub struct PrewarmArgs {
+    /// Images to resolve at start-up, before /readyz says ready
+    /// (comma-separated; read as pods name them). The images of the function
+    /// pods already in --pod-namespace are warmed too when the API server is
+    /// reachable.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_PREWARM_IMAGES",
+        value_delimiter = ',',
+        value_name = "IMAGE"
+    )]
+    pub prewarm_images: Vec<String>,
+
+    /// A file of images to warm, one per line (`#` starts a comment).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_PREWARM_IMAGES_FILE",
+        value_name = "FILE"
+    )]
+    pub prewarm_images_file: Option<PathBuf>,
+
+    /// Readiness waits for warming at most this long; an image that fails is
+    /// logged and counted, never fatal.
+    #[arg(long, env = "FN_IMAGE_RESOLVER_PREWARM_TIMEOUT", default_value = "30s",
+          value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub prewarm_timeout: Duration,
+}
+
 /// Where function pods are: shared by `serve` and `register`.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Function pods")]
@@ -368,6 +408,22 @@ pub struct RegistrationArgs {
 }
 
 impl RegistrationArgs {
+    /// What a serving certificate must name: the webhook Service (`S`,
+    /// `S.NS`, `S.NS.svc`, `S.NS.svc.cluster.local`) and the host of
+    /// `--webhook-url` when set (a DNS name or an IP address).
+    pub fn serving_names(&self) -> Vec<String> {
+        let url_host = self
+            .webhook_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()));
+        crate::certs::service_names(
+            &self.webhook_service,
+            &self.webhook_service_namespace,
+            &url_host.into_iter().collect::<Vec<_>>(),
+        )
+    }
+
     /// The registration for function pods as `pods` says.
     pub fn config(&self, pods: &PodArgs) -> RegistrationConfig {
         RegistrationConfig {
@@ -417,13 +473,31 @@ pub struct WebhookArgs {
     )]
     pub tls_key_file: Option<PathBuf>,
 
+    /// Keep the webhook's CA and serving certificate in this Secret of
+    /// --webhook-service-namespace, made, shared by every replica, renewed
+    /// and followed without a restart (instead of --tls-cert-file); its CA
+    /// is what --register-webhook registers. A Secret of that name made by
+    /// someone else (cert-manager) is used as it is.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_MANAGED_TLS_SECRET",
+        value_name = "NAME",
+        conflicts_with_all = ["tls_cert_file", "tls_key_file"]
+    )]
+    pub managed_tls_secret: Option<String>,
+
+    /// Lifetime of a managed serving certificate; renewed past two thirds of
+    /// it (the CA lives 10 years).
+    #[arg(long, env = "FN_IMAGE_RESOLVER_MANAGED_TLS_VALIDITY", default_value = "1y",
+          value_parser = positive_duration, value_name = "DURATION")]
+    pub managed_tls_validity: Duration,
+
     /// Also serve /v1/resolve on the HTTPS listener, to callers presenting one
     /// of the bearer tokens in this file (one per line).
     #[arg(
         long,
         env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_FILE",
-        value_name = "FILE",
-        requires = "tls_cert_file"
+        value_name = "FILE"
     )]
     pub resolver_token_file: Option<PathBuf>,
 
@@ -432,7 +506,7 @@ pub struct WebhookArgs {
     /// in --resolver-allowed-subjects. Needs `create tokenreviews`.
     #[arg(long, env = "FN_IMAGE_RESOLVER_RESOLVER_TOKEN_REVIEW", value_parser = BoolishValueParser::new(),
           num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true,
-          value_name = "BOOL", requires = "tls_cert_file", conflicts_with = "resolver_token_file")]
+          value_name = "BOOL", conflicts_with = "resolver_token_file")]
     pub resolver_token_review: bool,
 
     /// Users (`system:serviceaccount:porch-system:porch-server`) or groups
@@ -495,7 +569,7 @@ pub struct WebhookArgs {
 
     /// How often the mirror re-checks the pull secret even without events.
     #[arg(long, env = "FN_IMAGE_RESOLVER_SECRET_RESYNC_INTERVAL", default_value = "5m",
-          value_parser = humantime::parse_duration, value_name = "DURATION")]
+          value_parser = positive_duration, value_name = "DURATION")]
     pub secret_resync_interval: Duration,
 
     /// Budget for one review when the API server does not send `?timeout=`.

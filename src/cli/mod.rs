@@ -11,9 +11,10 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use self::flags::{
-    CacheArgs, LogArgs, PodArgs, RegistrationArgs, RegistryArgs, ServerArgs, WebhookArgs,
+    CacheArgs, LogArgs, PodArgs, PrewarmArgs, RegistrationArgs, RegistryArgs, ServerArgs,
+    WebhookArgs,
 };
-use crate::app::{Callers, ServeConfig, WebhookConfig};
+use crate::app::{Callers, ServeConfig, ServingCertificate, WebhookConfig};
 use crate::cache::{CacheSettings, CachedResolver};
 use crate::metrics::Metrics;
 use crate::registry::{Resolution, Resolver};
@@ -48,6 +49,11 @@ pub enum Command {
     ///
     /// Uses in-cluster credentials or $KUBECONFIG. With --print, only prints it.
     Register(RegisterArgs),
+    /// Delete what `serve` made in the cluster: the MutatingWebhookConfiguration
+    /// and, with --managed-tls-secret, that Secret (if this service made it).
+    ///
+    /// Run it before deleting deploy/ (README, "Uninstall").
+    Unregister(UnregisterArgs),
     /// Exit 0 if URL answers 2xx within 3s (for exec probes of a loopback endpoint).
     Check {
         /// e.g. http://127.0.0.1:9445/readyz
@@ -69,6 +75,20 @@ pub struct RegisterArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct UnregisterArgs {
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+    /// The Secret `serve --managed-tls-secret` kept, in
+    /// --webhook-service-namespace; deleted only if this service made it.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_MANAGED_TLS_SECRET",
+        value_name = "NAME"
+    )]
+    pub managed_tls_secret: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -76,6 +96,8 @@ pub struct ServeArgs {
     pub pods: PodArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub prewarm: PrewarmArgs,
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
@@ -94,25 +116,49 @@ impl ServeArgs {
     /// The plain configuration of `serve` these flags make.
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
         let resolver = self.registry.resolver_settings();
-        let webhook = match (&self.webhook.tls_cert_file, &self.webhook.tls_key_file) {
-            (Some(cert_file), Some(key_file)) => Some(WebhookConfig {
-                listen: self.webhook.listen,
-                cert_file: cert_file.clone(),
-                key_file: key_file.clone(),
-                callers: match &self.webhook.resolver_token_file {
-                    Some(path) => Callers::TokenFile(path.clone()),
-                    None if self.webhook.resolver_token_review => {
-                        Callers::TokenReview(crate::server::auth::TokenReviewSettings {
-                            allowed_subjects: self.webhook.resolver_allowed_subjects.clone(),
-                            audiences: self.webhook.resolver_token_audiences.clone(),
-                            verdict_ttl: self.webhook.resolver_token_review_ttl,
-                        })
-                    }
-                    None => Callers::Nobody,
-                },
+        let certificate = match (
+            &self.webhook.tls_cert_file,
+            &self.webhook.tls_key_file,
+            &self.webhook.managed_tls_secret,
+        ) {
+            (Some(cert), Some(key), None) => Some(ServingCertificate::Files {
+                cert: cert.clone(),
+                key: key.clone(),
             }),
-            (None, None) => None,
-            _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
+            (None, None, Some(secret)) => Some(ServingCertificate::Managed(
+                crate::managed_tls::ManagedTlsSettings {
+                    secret: secret.clone(),
+                    namespace: self.registration.webhook_service_namespace.clone(),
+                    names: self.registration.serving_names(),
+                    validity: self.webhook.managed_tls_validity,
+                },
+            )),
+            (None, None, None) => None,
+            _ => anyhow::bail!(
+                "--tls-cert-file and --tls-key-file go together, and not with --managed-tls-secret"
+            ),
+        };
+        let callers = match &self.webhook.resolver_token_file {
+            Some(path) => Callers::TokenFile(path.clone()),
+            None if self.webhook.resolver_token_review => {
+                Callers::TokenReview(crate::server::auth::TokenReviewSettings {
+                    allowed_subjects: self.webhook.resolver_allowed_subjects.clone(),
+                    audiences: self.webhook.resolver_token_audiences.clone(),
+                    verdict_ttl: self.webhook.resolver_token_review_ttl,
+                })
+            }
+            None => Callers::Nobody,
+        };
+        let webhook = match certificate {
+            Some(certificate) => Some(WebhookConfig {
+                listen: self.webhook.listen,
+                certificate,
+                callers,
+            }),
+            None if callers != Callers::Nobody => anyhow::bail!(
+                "--resolver-token-file and --resolver-token-review serve the resolver on the HTTPS listener, which needs --tls-cert-file or --managed-tls-secret"
+            ),
+            None => None,
         };
         let mirror = (resolver.private_registries && self.webhook.mirror_secret).then(|| {
             crate::secrets::MirrorSettings {
@@ -142,6 +188,15 @@ impl ServeArgs {
             registration: self
                 .register_webhook
                 .then(|| self.registration.config(&self.pods)),
+            prewarm: crate::prewarm::PrewarmSettings {
+                images: self.prewarm.prewarm_images.clone(),
+                file: self.prewarm.prewarm_images_file.clone(),
+                pods: Some((
+                    self.pods.pod_namespace.clone(),
+                    self.pods.function_pod_label.clone(),
+                )),
+                timeout: self.prewarm.prewarm_timeout,
+            },
         })
     }
 }
@@ -204,6 +259,7 @@ pub fn run() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
             Command::Certs(args) => certs(&args).map(|()| ExitCode::SUCCESS),
             Command::Register(args) => register(&args).await.map(|()| ExitCode::SUCCESS),
+            Command::Unregister(args) => unregister(&args).await.map(|()| ExitCode::SUCCESS),
             Command::Check { url } => check(&url).await,
         }
     });
@@ -285,6 +341,29 @@ async fn register(args: &RegisterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn unregister(args: &UnregisterArgs) -> anyhow::Result<()> {
+    let client = crate::cluster::client().await.map_err(anyhow::Error::msg)?;
+    let name = &args.registration.webhook_name;
+    if crate::registration::delete(client.clone(), name).await? {
+        eprintln!("deleted MutatingWebhookConfiguration {name}");
+    } else {
+        eprintln!("MutatingWebhookConfiguration {name} was already gone");
+    }
+    if let Some(secret) = &args.managed_tls_secret {
+        let namespace = &args.registration.webhook_service_namespace;
+        let api = kube::Api::namespaced(client, namespace);
+        let what = match crate::managed_tls::delete_if_ours(&api, secret).await? {
+            crate::managed_tls::Removal::Deleted => "deleted",
+            crate::managed_tls::Removal::NotOurs => {
+                "left as it is (fn-image-resolver did not make it)"
+            }
+            crate::managed_tls::Removal::Gone => "was already gone",
+        };
+        eprintln!("Secret {namespace}/{secret} {what}");
+    }
+    Ok(())
+}
+
 async fn check(url: &str) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(
@@ -329,7 +408,7 @@ mod tests {
         let cli = Cli::command();
         let global: Vec<_> = cli.get_arguments().filter(|a| a.is_global_set()).collect();
         let mut checked = 0;
-        for name in ["serve", "resolve", "register"] {
+        for name in ["serve", "resolve", "register", "unregister"] {
             let sub = cli.find_subcommand(name).expect("subcommand");
             for arg in sub.get_arguments().chain(global.iter().copied()) {
                 let Some(long) = arg.get_long() else {

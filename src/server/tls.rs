@@ -44,8 +44,18 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertE
             source,
         })
     };
-    let cert_pem = read(cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+    certified_key(&read(cert)?, cert, &read(key)?, key)
+}
+
+/// A certificate chain and its key from PEM text; `cert` and `key` name
+/// where the text came from, for errors.
+fn certified_key(
+    cert_pem: &[u8],
+    cert: &Path,
+    key_pem: &[u8],
+    key: &Path,
+) -> Result<CertifiedKey, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .filter_map(Result::ok)
         .collect();
     if chain.is_empty() {
@@ -53,8 +63,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertE
             path: cert.to_path_buf(),
         });
     }
-    let key_pem = read(key)?;
-    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::NoKey {
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| CertError::NoKey {
         path: key.to_path_buf(),
     })?;
     let provider = aws_lc_rs::default_provider();
@@ -77,6 +86,8 @@ pub fn not_after(certified: &CertifiedKey) -> Option<i64> {
 /// The current serving certificate; replaced whole on rotation.
 #[derive(Debug)]
 pub struct ReloadingCert {
+    /// Where it is read from: files (re-read when they change), or a
+    /// Secret that another task follows (`set_pem`).
     cert_path: PathBuf,
     key_path: PathBuf,
     current: ArcSwap<CertifiedKey>,
@@ -95,6 +106,26 @@ impl ReloadingCert {
         }))
     }
 
+    /// A certificate from PEM text (`source` names it in errors and logs,
+    /// e.g. `porch-system/fn-image-resolver-tls`); [`Self::set_pem`] replaces it.
+    pub fn from_pem(source: &str, cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<Self>, CertError> {
+        let (cert_path, key_path) = pem_names(source);
+        let certified = certified_key(cert_pem, &cert_path, key_pem, &key_path)?;
+        Ok(Arc::new(Self {
+            cert_path,
+            key_path,
+            current: ArcSwap::from_pointee(certified),
+            metrics: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Serves this certificate from now on (new handshakes). A broken pair
+    /// keeps the current one. Returns whether the certificate changed.
+    pub fn set_pem(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<bool, CertError> {
+        let fresh = certified_key(cert_pem, &self.cert_path, key_pem, &self.key_path)?;
+        Ok(self.swap_in(fresh))
+    }
+
     /// Publishes the serving certificate's expiry as a metric, now and after
     /// every reload.
     pub fn observe(&self, metrics: Arc<crate::metrics::Metrics>) {
@@ -108,8 +139,12 @@ impl ReloadingCert {
     /// certificate in use. Returns whether the certificate changed.
     pub fn reload(&self) -> Result<bool, CertError> {
         let fresh = load_certified_key(&self.cert_path, &self.key_path)?;
+        Ok(self.swap_in(fresh))
+    }
+
+    fn swap_in(&self, fresh: CertifiedKey) -> bool {
         if fresh.cert == self.current.load().cert {
-            return Ok(false);
+            return false;
         }
         let expires = not_after(&fresh);
         if let (Some(metrics), Some(at)) = (self.metrics.get(), expires) {
@@ -117,7 +152,7 @@ impl ReloadingCert {
         }
         self.current.store(Arc::new(fresh));
         info!(cert = %self.cert_path.display(), not_after = expires, "serving certificate reloaded");
-        Ok(true)
+        true
     }
 
     /// A rustls server config (TLS 1.2+, HTTP/1.1 only: see
@@ -146,6 +181,12 @@ impl ReloadingCert {
         )
         .await;
     }
+}
+
+/// How PEM text from `source` is named in errors: `source/tls.crt`, `source/tls.key`.
+fn pem_names(source: &str) -> (PathBuf, PathBuf) {
+    let base = Path::new(source);
+    (base.join("tls.crt"), base.join("tls.key"))
 }
 
 impl ResolvesServerCert for ReloadingCert {

@@ -501,6 +501,63 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         "{out}"
     );
 
+    // The mounted-certificate component: the same Deployment, files instead
+    // of the managed Secret.
+    let overlay = tempfile::tempdir().expect("tempdir");
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", root.trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/mounted-certs]\n"
+        ),
+    )
+    .expect("write");
+    let (ok, rendered) = kubectl(
+        &admin,
+        &["kustomize", &overlay.path().display().to_string()],
+    );
+    assert!(ok, "{rendered}");
+    let (_, plain) = kubectl(&admin, &["kustomize", &format!("{root}/deploy")]);
+    let args = |yaml: &str| -> Vec<String> {
+        yaml.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("- --") || *l == "- serve")
+            .map(str::to_string)
+            .collect()
+    };
+    let mut expected: Vec<String> = args(&plain)
+        .into_iter()
+        .flat_map(|a| {
+            if a.contains("--managed-tls-secret") {
+                vec![
+                    "- --tls-cert-file=/var/run/fn-image-resolver/tls/tls.crt".to_string(),
+                    "- --tls-key-file=/var/run/fn-image-resolver/tls/tls.key".to_string(),
+                    "- --ca-bundle-file=/var/run/fn-image-resolver/ca/ca.crt".to_string(),
+                ]
+            } else {
+                vec![a]
+            }
+        })
+        .collect();
+    let mut got = args(&rendered);
+    expected.sort();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "the component keeps every other flag of deploy/"
+    );
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-k",
+            &overlay.path().display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+
     let sa = SERVICE_ACCOUNT;
     let can = |args: &[&str]| {
         let mut full = vec![
@@ -554,6 +611,35 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         ),
         (vec!["create", "pods", "-n", "porch-fn-system"], "no"),
         (vec!["list", "secrets", "-n", "porch-fn-system"], "no"),
+        // Warming the cache: the function pods, listed, nothing else.
+        (vec!["list", "pods", "-n", "porch-fn-system"], "yes"),
+        (vec!["list", "pods", "-n", "porch-system"], "no"),
+        (vec!["get", "pods/x", "-n", "porch-fn-system"], "no"),
+        // The managed serving certificate: that one Secret, plus create.
+        (
+            vec!["get", "secrets/fn-image-resolver-tls", "-n", "porch-system"],
+            "yes",
+        ),
+        (
+            vec![
+                "update",
+                "secrets/fn-image-resolver-tls",
+                "-n",
+                "porch-system",
+            ],
+            "yes",
+        ),
+        (
+            vec![
+                "delete",
+                "secrets/fn-image-resolver-tls",
+                "-n",
+                "porch-system",
+            ],
+            "no",
+        ),
+        (vec!["create", "secrets", "-n", "porch-system"], "yes"),
+        (vec!["get", "secrets/other", "-n", "porch-system"], "no"),
     ] {
         assert_eq!(can(&args), want, "can-i {args:?}");
     }
@@ -584,4 +670,85 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         ],
     );
     assert!(ok && out == "fn-image-resolver", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_function_pods_already_running_are_warmed_before_ready() {
+    let plane = ControlPlane::start();
+    for ns in ["porch-fn-system", "porch-system"] {
+        plane.create_namespace(ns).await;
+    }
+    let (ok, out) = kubectl(
+        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
+        &[
+            "apply",
+            "-k",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
+        ],
+    );
+    assert!(ok, "{out}");
+    let env = crate::PlainEnv::start().await;
+    let host = env.proxy.host.clone();
+    // A function pod the webhook pinned earlier: its originals are recorded.
+    let pods: Api<Pod> = Api::namespaced(plane.admin().await, "porch-fn-system");
+    let mut pinned = function_pod(&host);
+    let original = format!("{host}/fns/set-namespace:v0.4");
+    pinned.spec.as_mut().expect("spec").containers[0].image =
+        Some(format!("{original}@{}", env.samples.entrypoint.digest));
+    pinned.metadata.annotations.get_or_insert_default().insert(
+        fn_image_resolver::admission::mutate::ORIGINAL_IMAGES_ANNOTATION.into(),
+        json!({"function": original}).to_string(),
+    );
+    pods.create(&PostParams::default(), &pinned)
+        .await
+        .expect("create");
+    // And one without the label: not a function pod, not warmed.
+    let mut other = function_pod(&host);
+    other.metadata.labels = None;
+    other.spec.as_mut().expect("spec").containers[0].image =
+        Some(format!("{host}/fns/multi-arch:v1"));
+    pods.create(&PostParams::default(), &other)
+        .await
+        .expect("create");
+
+    let resolver_port = crate::common::free_port();
+    let _serve = Serve(
+        tokio::process::Command::new(BIN)
+            .arg("serve")
+            .args(["--resolver-listen", &format!("127.0.0.1:{resolver_port}")])
+            .args(["--insecure-registry", &host])
+            .env(
+                "KUBECONFIG",
+                plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start serve"),
+    );
+    let base = format!("http://127.0.0.1:{resolver_port}");
+    wait_ready(&format!("{base}/readyz")).await;
+    let requests = env.proxy.total();
+    let answer: Value = reqwest::get(format!("{base}/v1/resolve?image={original}"))
+        .await
+        .expect("resolve")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        answer["cached"], "hit",
+        "the original image was warmed: {answer}"
+    );
+    assert_eq!(env.proxy.total(), requests);
+    let answer: Value = reqwest::get(format!("{base}/v1/resolve?image={host}/fns/multi-arch:v1"))
+        .await
+        .expect("resolve")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        answer["cached"], "miss",
+        "an unlabelled pod's image was not: {answer}"
+    );
 }

@@ -11,6 +11,7 @@ mod credential_markers;
 mod e2e;
 mod hardening;
 mod layers;
+mod managed_tls;
 mod mirror;
 pub mod resolve_auth;
 mod resolve_plain;
@@ -132,6 +133,7 @@ pub fn serve_config(settings: &ResolverSettings, cache: CacheSettings) -> ServeC
         webhook: None,
         mirror: None,
         registration: None,
+        prewarm: Default::default(),
     }
 }
 

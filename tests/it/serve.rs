@@ -339,3 +339,46 @@ async fn a_resolution_whose_caller_gave_up_still_fills_the_cache() {
     assert_eq!(body["cached"], "hit", "{body}");
     assert_eq!(env.proxy.total(), requests, "no second fetch");
 }
+
+#[tokio::test]
+async fn images_warmed_at_start_up_are_cache_hits_without_a_cluster() {
+    let env = PlainEnv::start().await;
+    let listed = env.image("fns/set-namespace:v0.4");
+    let in_file = env.image("fns/cmd-only:v1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("images");
+    std::fs::write(
+        &file,
+        format!(
+            "# warm these\n{in_file}\n\n{}/fns/nope:v1  # not there\n",
+            env.proxy.host
+        ),
+    )
+    .expect("write");
+    let mut config = crate::serve_config(&env.settings(), CacheSettings::default());
+    config.prewarm = fn_image_resolver::prewarm::PrewarmSettings {
+        images: vec![listed.clone()],
+        file: Some(file),
+        pods: None,
+        timeout: Duration::from_secs(30),
+    };
+    let running = fn_image_resolver::app::start(config).await.expect("serve");
+    let base = format!("http://{}", running.resolver_addr);
+    let ready = crate::e2e::wait_ready(&format!("{base}/readyz")).await;
+    assert_eq!(ready["checks"]["prewarm"]["ready"], true, "{ready}");
+    let requests = env.proxy.total();
+    assert!(requests >= 4, "both images were fetched before ready");
+    for image in [&listed, &in_file] {
+        let url = format!("{base}/v1/resolve?image={image}");
+        let (status, body) = get(&url).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["cached"], "hit", "{image}: {body}");
+    }
+    assert_eq!(env.proxy.total(), requests, "nothing fetched after ready");
+    let metrics = crate::metrics_text(&base).await;
+    assert!(
+        metrics.contains("fn_image_resolver_prewarm_images_total{result=\"cached\"} 2")
+            && metrics.contains("fn_image_resolver_prewarm_images_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use fn_image_resolver::admission::mutate::{ORIGINAL_IMAGES_ANNOTATION, UNPINNED_ANNOTATION};
 use fn_image_resolver::admission::{AdmissionSettings, Admitter, FailureMode};
-use fn_image_resolver::app::{Callers, WebhookConfig};
+use fn_image_resolver::app::{Callers, ServingCertificate, WebhookConfig};
 use fn_image_resolver::cache::CacheSettings;
 use fn_image_resolver::registry::ResolverSettings;
 use serde_json::{Value, json};
@@ -52,8 +52,10 @@ async fn webhook_with(settings: &ResolverSettings, admission: AdmissionSettings)
     config.http.drain = Duration::from_secs(5);
     config.webhook = Some(WebhookConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        cert_file: certs.path().join("tls.crt"),
-        key_file: certs.path().join("tls.key"),
+        certificate: ServingCertificate::Files {
+            cert: certs.path().join("tls.crt"),
+            key: certs.path().join("tls.key"),
+        },
         callers: Callers::TokenFile(certs.path().join("tokens")),
     });
     let running = fn_image_resolver::app::start(config)
@@ -839,8 +841,10 @@ async fn a_certificate_rotated_by_the_kubelets_symlink_swap_is_served() {
     let mut config = crate::serve_config(&env.settings(), CacheSettings::default());
     config.webhook = Some(WebhookConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        cert_file: mount.path().join("tls.crt"),
-        key_file: mount.path().join("tls.key"),
+        certificate: ServingCertificate::Files {
+            cert: mount.path().join("tls.crt"),
+            key: mount.path().join("tls.key"),
+        },
         callers: Callers::Nobody,
     });
     let running = fn_image_resolver::app::start(config).await.expect("serve");
