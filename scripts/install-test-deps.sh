@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests run against from Debian: docker-registry
-# (distribution 2.8), htpasswd, curl. Then checks for what Debian does not
+# (distribution 2.8), htpasswd, curl, and promtool (package prometheus) for
+# the alert rules' unit tests. Then checks for what Debian does not
 # provide at the versions needed, and says how to get it: Go >= 1.24 (the
 # tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh)
 # and kubectl. Needs root (or sudo) for apt; does nothing when all is there.
@@ -10,6 +11,7 @@ packages=()
 command -v docker-registry >/dev/null || packages+=(docker-registry)
 command -v htpasswd >/dev/null || packages+=(apache2-utils)
 command -v curl >/dev/null || packages+=(curl ca-certificates)
+command -v promtool >/dev/null || packages+=(prometheus)
 if [ ${#packages[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -18,9 +20,12 @@ if [ ${#packages[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
     # The package starts its own service on :5000 where systemd runs; the
     # tests start their own registries, so stop it to free the port.
-    if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
-        $sudo systemctl disable --now docker-registry || true
-    fi
+    # Prometheus likewise (only its promtool is used).
+    for service in docker-registry prometheus; do
+        if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+            $sudo systemctl disable --now "$service" || true
+        fi
+    done
 fi
 
 missing=0

@@ -13,6 +13,7 @@ mod hardening;
 mod layers;
 mod managed_tls;
 mod mirror;
+mod monitoring;
 pub mod resolve_auth;
 mod resolve_plain;
 mod resolve_shapes;
