@@ -41,4 +41,15 @@ print(json.dumps(json.loads(patch), indent=2))
 PY
 echo
 echo "Patched pod:"
-kubectl patch --local -f "$work/pod.json" --type=json --patch-file "$work/patch.json" -o yaml
+if command -v kubectl >/dev/null; then
+    kubectl patch --local -f "$work/pod.json" --type=json --patch-file "$work/patch.json" -o yaml
+else
+    # Without kubectl: the pod's images, before and after.
+    python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+pod = json.load(open(f"{work}/pod.json"))
+for op in json.load(open(f"{work}/patch.json")):
+    print(f"  {op['op']} {op['path']}: {op.get('value')}")
+PY
+fi

@@ -28,6 +28,9 @@ if [ ${#packages[@]} -gt 0 ]; then
     done
 fi
 
+# The quick start needs only the Debian part.
+[ -z "${FNIR_DEBIAN_ONLY:-}" ] || exit 0
+
 missing=0
 go_version=$(go env GOVERSION 2>/dev/null || true)   # e.g. go1.26.8
 if [ -z "$go_version" ]; then

@@ -752,3 +752,140 @@ async fn the_function_pods_already_running_are_warmed_before_ready() {
         "an unlabelled pod's image was not: {answer}"
     );
 }
+
+/// Copies directory `from` into `to` (a package, as `kpt pkg get` would).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test]
+async fn kpt_live_apply_of_the_packages_applies_what_kubectl_apply_k_applies() {
+    let plane = ControlPlane::start();
+    for ns in ["porch-fn-system", "porch-system"] {
+        plane.create_namespace(ns).await;
+    }
+    let admin = plane.kubeconfig(ADMIN_TOKEN, "admin");
+    let kpt = |args: &[&str]| {
+        let out = std::process::Command::new("kpt")
+            .args(args)
+            .env("KUBECONFIG", &admin)
+            .output()
+            .expect("kpt");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "kpt {args:?}: {text}");
+        text
+    };
+    kpt(&["live", "install-resource-group"]);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = tempfile::tempdir().expect("tempdir");
+    for package in ["deploy", "webhook-config"] {
+        let dir = work.path().join(package);
+        copy_dir(&root.join(package), &dir);
+        let dir = dir.display().to_string();
+        kpt(&[
+            "live",
+            "init",
+            &dir,
+            "--namespace",
+            "porch-system",
+            "--name",
+            package,
+        ]);
+        // No kubelet runs here, so the Deployment never becomes ready: wait
+        // a moment for reconciliation, then judge the apply by its result.
+        let out = std::process::Command::new("kpt")
+            .args(["live", "apply", &dir, "--reconcile-timeout=3s"])
+            .env("KUBECONFIG", &admin)
+            .output()
+            .expect("kpt");
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        let applied = said
+            .lines()
+            .find(|l| l.starts_with("apply result:"))
+            .unwrap_or_default();
+        assert!(
+            applied.contains(" 0 failed") && !applied.contains(" 0 successful"),
+            "{package}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // Nothing kubectl apply -k would change, but for kpt's own
+        // bookkeeping (its inventory annotation, which kubectl would drop).
+        let (_, out) = kubectl(
+            &admin,
+            &["diff", "-k", &root.join(package).display().to_string()],
+        );
+        let changed: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                (l.starts_with('+') || l.starts_with('-'))
+                    && !l.starts_with("+++")
+                    && !l.starts_with("---")
+            })
+            .filter(|l| !l.contains("config.k8s.io/owning-inventory") && !l.contains("generation:"))
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "{package}: kpt applied something else than kubectl apply -k would:\n{out}"
+        );
+        // ...and nothing more: the inventory is exactly the kustomization's objects.
+        let (ok, rendered) = kubectl(
+            &admin,
+            &["kustomize", &root.join(package).display().to_string()],
+        );
+        assert!(ok, "{rendered}");
+        let mut want: Vec<String> = rendered
+            .split("\n---\n")
+            .map(|doc| {
+                let doc: Value = serde_saphyr::from_str(doc).expect("yaml");
+                format!(
+                    "{}/{}",
+                    doc["kind"].as_str().unwrap_or_default(),
+                    doc["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        let (ok, inventory) = kubectl(
+            &admin,
+            &[
+                "get",
+                "resourcegroups.kpt.dev",
+                package,
+                "-n",
+                "porch-system",
+                "-o",
+                "json",
+            ],
+        );
+        assert!(ok, "{inventory}");
+        let inventory: Value = serde_json::from_str(&inventory).expect("json");
+        let mut got: Vec<String> = inventory["spec"]["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r["kind"].as_str().unwrap_or_default(),
+                    r["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{package}");
+    }
+}
