@@ -5,13 +5,19 @@
 # provide at the versions needed, and says how to get it: Go >= 1.24 (the
 # tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh)
 # and kubectl. Needs root (or sudo) for apt; does nothing when all is there.
+#
+# FNIR_QUICKSTART=1 (scripts/quickstart.sh): only what the quick start runs,
+# docker-registry, curl and python3.
 set -euo pipefail
 
 packages=()
 command -v docker-registry >/dev/null || packages+=(docker-registry)
-command -v htpasswd >/dev/null || packages+=(apache2-utils)
 command -v curl >/dev/null || packages+=(curl ca-certificates)
-command -v promtool >/dev/null || packages+=(prometheus)
+command -v python3 >/dev/null || packages+=(python3)
+if [ -z "${FNIR_QUICKSTART:-}" ]; then
+    command -v htpasswd >/dev/null || packages+=(apache2-utils)
+    command -v promtool >/dev/null || packages+=(prometheus)
+fi
 if [ ${#packages[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -29,7 +35,7 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 
 # The quick start needs only the Debian part.
-[ -z "${FNIR_DEBIAN_ONLY:-}" ] || exit 0
+[ -z "${FNIR_QUICKSTART:-}" ] || exit 0
 
 missing=0
 go_version=$(go env GOVERSION 2>/dev/null || true)   # e.g. go1.26.8

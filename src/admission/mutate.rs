@@ -1122,5 +1122,13 @@ mod tests {
         assert_eq!(clip("ééé", 2), "éé…");
         assert_eq!(clip("abc", 3), "abc");
         assert_eq!(clip("", 0), "");
+        // Every cut point of text mixing 1- to 4-byte characters.
+        let text = "aé€😀".repeat(20);
+        for max in 0..=text.chars().count() + 1 {
+            let cut = clip(&text, max);
+            let kept = cut.strip_suffix('…').unwrap_or(&cut);
+            assert_eq!(kept.chars().count(), max.min(80));
+            assert!(text.starts_with(kept));
+        }
     }
 }

@@ -14,6 +14,7 @@ mod layers;
 mod managed_tls;
 mod mirror;
 mod monitoring;
+mod quickstart;
 pub mod resolve_auth;
 mod resolve_plain;
 mod resolve_shapes;
