@@ -76,26 +76,7 @@ pub fn image(
         }))
         .expect("config json"),
     );
-    let (media_type, config_type, layer_type) = if docker {
-        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
-    } else {
-        (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
-    };
-    let manifest = serde_json::to_vec_pretty(&json!({
-        "schemaVersion": 2,
-        "mediaType": media_type,
-        "config": {"mediaType": config_type, "digest": config.digest, "size": config.bytes.len()},
-        "layers": [{"mediaType": layer_type, "digest": layer.digest, "size": layer.bytes.len()}],
-    }))
-    .expect("manifest json");
-    Image {
-        digest: sha256(&manifest),
-        config,
-        layer,
-        manifest,
-        media_type,
-        platform: (os.to_string(), arch.to_string()),
-    }
+    manifest_of(config, layer, docker, (os.to_string(), arch.to_string()))
 }
 
 /// An image whose config is `config` as given (any keys, any platform or
@@ -117,6 +98,11 @@ pub fn image_with_config_text(name: &str, config: &str, docker: bool) -> Image {
             .to_string(),
     );
     let config = Blob::new(config.as_bytes().to_vec());
+    manifest_of(config, layer, docker, platform)
+}
+
+/// The image manifest of one config and one layer.
+fn manifest_of(config: Blob, layer: Blob, docker: bool, platform: (String, String)) -> Image {
     let (media_type, config_type, layer_type) = if docker {
         (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
     } else {

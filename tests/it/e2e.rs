@@ -407,6 +407,20 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     );
 }
 
+/// A kustomization in a temporary directory: deploy/ plus one of its
+/// components (kustomize wants both as relative paths).
+fn deploy_with_component(component: &str) -> tempfile::TempDir {
+    let overlay = tempfile::tempdir().expect("tempdir");
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", env!("CARGO_MANIFEST_DIR").trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!("resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/{component}]\n"),
+    )
+    .expect("write");
+    overlay
+}
+
 pub(crate) fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("kubectl")
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -474,16 +488,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     assert!(ok, "{out}");
 
     // The TokenReview component on top of deploy/.
-    let overlay = tempfile::tempdir().expect("tempdir");
-    let up = "../".repeat(overlay.path().components().count() - 1);
-    let base = format!("{up}{}", root.trim_start_matches('/'));
-    std::fs::write(
-        overlay.path().join("kustomization.yaml"),
-        format!(
-            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/resolver-token-review]\n"
-        ),
-    )
-    .expect("write");
+    let overlay = deploy_with_component("resolver-token-review");
     let (ok, out) = kubectl(
         &admin,
         &[
@@ -503,16 +508,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
 
     // The mounted-certificate component: the same Deployment, files instead
     // of the managed Secret.
-    let overlay = tempfile::tempdir().expect("tempdir");
-    let up = "../".repeat(overlay.path().components().count() - 1);
-    let base = format!("{up}{}", root.trim_start_matches('/'));
-    std::fs::write(
-        overlay.path().join("kustomization.yaml"),
-        format!(
-            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/mounted-certs]\n"
-        ),
-    )
-    .expect("write");
+    let overlay = deploy_with_component("mounted-certs");
     let (ok, rendered) = kubectl(
         &admin,
         &["kustomize", &overlay.path().display().to_string()],

@@ -57,15 +57,9 @@ fn key(secret: &Secret, name: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn der(pem: &[u8]) -> Vec<u8> {
-    rustls_pki_types::CertificateDer::from_pem_slice(pem)
-        .expect("pem")
-        .as_ref()
-        .to_vec()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without_a_failed_review() {
+/// A control plane with Porch's namespaces and deploy/ applied (its
+/// ServiceAccount and RBAC are what the replicas run as), and an admin client.
+async fn porch_with_deploy() -> (ControlPlane, kube::Client) {
     crate::common::init_crypto();
     let plane = ControlPlane::start();
     for ns in ["porch-fn-system", "porch-system"] {
@@ -81,6 +75,19 @@ async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without
         ],
     );
     assert!(ok, "{out}");
+    (plane, admin)
+}
+
+fn der(pem: &[u8]) -> Vec<u8> {
+    rustls_pki_types::CertificateDer::from_pem_slice(pem)
+        .expect("pem")
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without_a_failed_review() {
+    let (plane, admin) = porch_with_deploy().await;
     let env = crate::PlainEnv::start().await;
     let host = env.proxy.host.clone();
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
@@ -278,21 +285,7 @@ async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_made_by_someone_else_is_used_and_never_written_and_unregister_cleans_up() {
-    crate::common::init_crypto();
-    let plane = ControlPlane::start();
-    for ns in ["porch-fn-system", "porch-system"] {
-        plane.create_namespace(ns).await;
-    }
-    let admin = plane.admin().await;
-    let (ok, out) = kubectl(
-        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
-        &[
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ],
-    );
-    assert!(ok, "{out}");
+    let (plane, admin) = porch_with_deploy().await;
     // cert-manager's kind of Secret: tls.crt, tls.key, ca.crt; no label of ours.
     let certs = tempfile::tempdir().expect("tempdir");
     fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)

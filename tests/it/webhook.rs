@@ -200,6 +200,15 @@ async fn a_trailing_separator_gets_the_entrypoint_and_a_stale_one_is_replaced_wi
     let env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     let head = json!(["--port", "9446", "--max-request-body-size", "6291456", "--"]);
+    // The wrapper-server's args with the image's entrypoint after `--`.
+    let filled = json!([
+        "--port",
+        "9446",
+        "--max-request-body-size",
+        "6291456",
+        "--",
+        "/usr/local/bin/function"
+    ]);
     let with_args = |args: Value| {
         let mut review = review(&env.proxy.host);
         review["request"]["object"]["spec"]["containers"][0]["args"] = args;
@@ -209,17 +218,7 @@ async fn a_trailing_separator_gets_the_entrypoint_and_a_stale_one_is_replaced_wi
     let trailing = with_args(head.clone());
     let (_, answer) = hook.post(&trailing, "").await;
     let pod = patched(&trailing, &answer);
-    assert_eq!(
-        pod["spec"]["containers"][0]["args"],
-        json!([
-            "--port",
-            "9446",
-            "--max-request-body-size",
-            "6291456",
-            "--",
-            "/usr/local/bin/function"
-        ])
-    );
+    assert_eq!(pod["spec"]["containers"][0]["args"], filled);
     assert!(answer["response"].get("warnings").is_none(), "{answer}");
 
     // Porch keeps entrypoints forever: after the tag moved it writes the old one.
@@ -235,17 +234,7 @@ async fn a_trailing_separator_gets_the_entrypoint_and_a_stale_one_is_replaced_wi
     let (_, answer) = hook.post(&stale, "").await;
     assert_eq!(answer["response"]["allowed"], true);
     let pod = patched(&stale, &answer);
-    assert_eq!(
-        pod["spec"]["containers"][0]["args"],
-        json!([
-            "--port",
-            "9446",
-            "--max-request-body-size",
-            "6291456",
-            "--",
-            "/usr/local/bin/function"
-        ])
-    );
+    assert_eq!(pod["spec"]["containers"][0]["args"], filled);
     let warning = answer["response"]["warnings"].to_string();
     assert!(
         warning.contains("function")
