@@ -165,7 +165,7 @@ mod tests {
         ImageInfo {
             digest: Digest::new(&format!("sha256:{}", "ab".repeat(32))),
             config_entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
-            cmd: Vec::new(),
+            cmd: Box::default(),
             platform: None,
         }
     }

@@ -398,14 +398,16 @@ impl CachedResolver {
         };
         let credential = self.resolver.credential_for(&reference);
         let platform = wanted.platform.unwrap_or(self.resolver.default_platform());
-        let outcome = self
-            .resolver
-            .fetch(
-                &reference,
-                platform,
-                credential.as_deref().map(|c| &c.credential),
-            )
-            .await;
+        // Boxed: the fetch's state (several KB) is then carried by the one
+        // request that fetches, not by every request that may wait here.
+        // Under a burst of misses hundreds wait, and the allocator keeps
+        // what their futures touched long after (BENCHMARKS.md).
+        let outcome = Box::pin(self.resolver.fetch(
+            &reference,
+            platform,
+            credential.as_deref().map(|c| &c.credential),
+        ))
+        .await;
         let entry = Entry::new(
             wanted,
             reference,

@@ -74,10 +74,12 @@ pub enum SetupError {
 pub struct ImageInfo {
     /// Digest to pin: the index digest for multi-platform images.
     pub digest: Digest,
-    /// `Config.Entrypoint` as in the image.
-    pub config_entrypoint: Vec<String>,
+    /// `Config.Entrypoint` as in the image. Boxed slices, held at their
+    /// length: a list read from JSON keeps room for four, and a cache
+    /// keeps thousands of these.
+    pub config_entrypoint: Box<[String]>,
     /// `Config.Cmd` as in the image.
-    pub cmd: Vec<String>,
+    pub cmd: Box<[String]>,
     /// Platform of the config that was read, when it is not the one asked
     /// for (rare, so boxed: a cache entry keeps this struct).
     pub platform: Option<Box<Platform>>,
@@ -582,8 +584,8 @@ impl Resolver {
         }
         Ok(ImageInfo {
             digest: Digest::new(&digest),
-            config_entrypoint: parsed.entrypoint,
-            cmd: parsed.cmd,
+            config_entrypoint: parsed.entrypoint.into_boxed_slice(),
+            cmd: parsed.cmd.into_boxed_slice(),
             platform: parsed.platform.filter(|p| p != platform).map(Box::new),
         })
     }

@@ -495,3 +495,19 @@ async fn the_no_wait_path_agrees_with_the_full_one_and_follows_a_moved_tag() {
     let answer = latest.answer().expect("an answer");
     assert_eq!(answer.entrypoint().to_vec(), ["/moved"]);
 }
+
+/// A request that waits on another's fetch holds a small future: the fetch's
+/// state (several KB) is boxed and carried by the fetching request only.
+/// Under a burst of misses hundreds of resolutions wait, each on its own
+/// task, and what their futures touched stays resident (BENCHMARKS.md).
+#[tokio::test]
+async fn a_waiting_resolution_holds_a_small_future() {
+    let (cache, _) = crate::cached(&crate::settings(), CacheSettings::default());
+    let resolve = cache.resolve("example.com/fns/a:v1", None);
+    let for_pod = cache.resolve_for_pod("example.com/fns/a:v1");
+    let sizes = (
+        std::mem::size_of_val(&resolve),
+        std::mem::size_of_val(&for_pod),
+    );
+    assert!(sizes.0 < 2048 && sizes.1 < 2048, "{sizes:?} bytes");
+}
