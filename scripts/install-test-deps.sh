@@ -3,7 +3,8 @@
 # (distribution 2.8), htpasswd, curl, and promtool (package prometheus) for
 # the alert rules' unit tests. Then checks for what Debian does not
 # provide at the versions needed, and says how to get it: Go >= 1.24 (the
-# tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh)
+# tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh,
+# and install go-containerregistry's crane, tests/crane/build.sh)
 # and kubectl. Needs root (or sudo) for apt; does nothing when all is there.
 #
 # FNIR_QUICKSTART=1 (scripts/quickstart.sh): only what the quick start runs,
@@ -40,7 +41,7 @@ fi
 missing=0
 go_version=$(go env GOVERSION 2>/dev/null || true)   # e.g. go1.26.8
 if [ -z "$go_version" ]; then
-    echo "missing: Go >= 1.24, to build kube-apiserver and etcd for the end-to-end tests." >&2
+    echo "missing: Go >= 1.24, to build kube-apiserver, etcd and crane for the tests." >&2
     echo "  Install it from https://go.dev/dl/ (Debian 12's golang is 1.19, too old)." >&2
     missing=1
 else

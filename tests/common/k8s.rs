@@ -16,27 +16,8 @@ pub const USER_NAME: &str = "unprivileged";
 /// or finds in its cache (the first run on a machine takes minutes).
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Ok(dir) = std::env::var("FNIR_K8S_BIN_DIR") {
-            return PathBuf::from(dir);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/k8s/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tests/k8s/build.sh (needs Go)");
-        assert!(out.status.success(), "tests/k8s/build.sh failed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("build.sh prints the binary dir")
-                .trim(),
-        )
-    })
-    .clone()
+    DIR.get_or_init(|| super::built_tool("FNIR_K8S_BIN_DIR", "tests/k8s/build.sh"))
+        .clone()
 }
 
 /// A running etcd + kube-apiserver.

@@ -10,6 +10,8 @@ pub mod registry;
 pub mod token;
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// The AdmissionReview of a Porch function pod as the function runner makes
 /// it and the API server sends it (tests/fixtures/function-pod-review.json):
@@ -31,4 +33,28 @@ pub fn free_port() -> u16 {
 /// Installs the process-wide rustls provider (idempotent).
 pub fn init_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A tool the tests need from outside Debian: `$env_var` when set, else what
+/// `script` (relative to the crate) builds or finds in its cache, the path
+/// it prints on its last line. Go must be installed for the script.
+pub fn built_tool(env_var: &str, script: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env_var) {
+        return PathBuf::from(path);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed", script.display());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("{} printed no path", script.display()))
+            .trim(),
+    )
 }

@@ -7,6 +7,7 @@ mod common;
 mod cache;
 mod caller_auth;
 mod cli;
+mod crane;
 mod credential_markers;
 mod e2e;
 mod hardening;
