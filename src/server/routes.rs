@@ -45,6 +45,13 @@ pub fn webhook_router(state: Arc<AppState>, auth: Option<auth::Authenticator>) -
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
         router = router.merge(resolver);
     }
+    with_common_routes(router, state)
+}
+
+/// What both listeners serve besides their own routes (health, readiness,
+/// metrics, a JSON 404), and the layers every request passes: a counted
+/// 500 for a panic, the request timeout, and the request metrics.
+fn with_common_routes(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     let router = router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -155,18 +162,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/resolve",
             get(api::resolve_one).post(api::resolve_batch),
         )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            catch_panics,
-        ))
-        .with_state(state.clone());
-    with_request_timeout(router, state.request_timeout)
-        .layer(middleware::from_fn_with_state(state, observe))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    with_common_routes(router, state)
 }
 
 async fn healthz() -> &'static str {
