@@ -435,6 +435,22 @@ pub(crate) fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, Str
     (out.status.success(), text)
 }
 
+/// `kubectl apply --dry-run=server -o yaml -k dir`: what the API server
+/// would store, admission included.
+fn server_dry_run(kubeconfig: &std::path::Path, dir: &std::path::Path) -> (bool, String) {
+    kubectl(
+        kubeconfig,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-o",
+            "yaml",
+            "-k",
+            &dir.display().to_string(),
+        ],
+    )
+}
+
 #[tokio::test]
 async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     let plane = ControlPlane::start();
@@ -443,10 +459,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     let admin = plane.kubeconfig(ADMIN_TOKEN, "admin");
     let root = env!("CARGO_MANIFEST_DIR");
     for dir in ["deploy", "webhook-config"] {
-        let (ok, out) = kubectl(
-            &admin,
-            &["apply", "--dry-run=server", "-k", &format!("{root}/{dir}")],
-        );
+        let (ok, out) = server_dry_run(&admin, &std::path::Path::new(root).join(dir));
         assert!(ok, "{dir}: {out}");
     }
     let (ok, out) = kubectl(&admin, &["apply", "-k", &format!("{root}/deploy")]);
@@ -476,30 +489,12 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
             && out.contains("name: fn-image-resolver"),
         "{out}"
     );
-    let (ok, out) = kubectl(
-        &admin,
-        &[
-            "apply",
-            "--dry-run=server",
-            "-k",
-            &porch.path().display().to_string(),
-        ],
-    );
+    let (ok, out) = server_dry_run(&admin, porch.path());
     assert!(ok, "{out}");
 
     // The TokenReview component on top of deploy/.
     let overlay = deploy_with_component("resolver-token-review");
-    let (ok, out) = kubectl(
-        &admin,
-        &[
-            "apply",
-            "--dry-run=server",
-            "-o",
-            "yaml",
-            "-k",
-            &overlay.path().display().to_string(),
-        ],
-    );
+    let (ok, out) = server_dry_run(&admin, overlay.path());
     assert!(
         ok && out.contains("--resolver-token-review=true")
             && out.contains("name: fn-image-resolver-token-review"),
@@ -543,15 +538,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         got, expected,
         "the component keeps every other flag of deploy/"
     );
-    let (ok, out) = kubectl(
-        &admin,
-        &[
-            "apply",
-            "--dry-run=server",
-            "-k",
-            &overlay.path().display().to_string(),
-        ],
-    );
+    let (ok, out) = server_dry_run(&admin, overlay.path());
     assert!(ok, "{out}");
 
     let sa = SERVICE_ACCOUNT;
