@@ -19,7 +19,7 @@ const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resol
 /// The function pod Porch creates (its request as the webhook sees it,
 /// before the API server's own admission adds what it adds), with both
 /// images on `registry` unless said otherwise.
-fn function_pod(registry: &str) -> Pod {
+pub(crate) fn function_pod(registry: &str) -> Pod {
     function_pod_with_wrapper(registry, registry)
 }
 
@@ -118,15 +118,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     let metrics_url = format!("http://127.0.0.1:{resolver_port}/metrics");
     // serve runs as the deploy's ServiceAccount: registration, the secret
     // mirror and everything else must work with exactly that RBAC.
-    let (ok, out) = kubectl(
-        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
-        &[
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ],
-    );
-    assert!(ok, "{out}");
+    apply_deploy(&plane);
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
     let insecure = format!("{host},127.0.0.1:{},{}", env.tokens.port, locked.host);
     let serve = |failure_policy: &str| {
@@ -435,6 +427,19 @@ pub(crate) fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, Str
     (out.status.success(), text)
 }
 
+/// `kubectl apply -k deploy/` as the cluster admin.
+pub(crate) fn apply_deploy(plane: &ControlPlane) {
+    let (ok, out) = kubectl(
+        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
+        &[
+            "apply",
+            "-k",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
+        ],
+    );
+    assert!(ok, "{out}");
+}
+
 /// `kubectl apply --dry-run=server -o yaml -k dir`: what the API server
 /// would store, admission included.
 fn server_dry_run(kubeconfig: &std::path::Path, dir: &std::path::Path) -> (bool, String) {
@@ -661,15 +666,7 @@ async fn the_function_pods_already_running_are_warmed_before_ready() {
     for ns in ["porch-fn-system", "porch-system"] {
         plane.create_namespace(ns).await;
     }
-    let (ok, out) = kubectl(
-        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
-        &[
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ],
-    );
-    assert!(ok, "{out}");
+    apply_deploy(&plane);
     let env = crate::PlainEnv::start().await;
     let host = env.proxy.host.clone();
     // A function pod the webhook pinned earlier: its originals are recorded.

@@ -13,7 +13,7 @@ use kube::api::{Api, PostParams};
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::common::k8s::{ADMIN_TOKEN, ControlPlane};
-use crate::e2e::kubectl;
+use crate::e2e::{apply_deploy, function_pod};
 
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resolver";
 const SECRET: &str = "fn-image-resolver-tls";
@@ -66,15 +66,7 @@ async fn porch_with_deploy() -> (ControlPlane, kube::Client) {
         plane.create_namespace(ns).await;
     }
     let admin = plane.admin().await;
-    let (ok, out) = kubectl(
-        &plane.kubeconfig(ADMIN_TOKEN, "admin"),
-        &[
-            "apply",
-            "-k",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"),
-        ],
-    );
-    assert!(ok, "{out}");
+    apply_deploy(&plane);
     (plane, admin)
 }
 
@@ -184,30 +176,7 @@ async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without
         );
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                let pod: Pod = serde_json::from_value(
-                    serde_json::from_str::<serde_json::Value>(&crate::common::function_pod_review(
-                        &host, &host,
-                    ))
-                    .expect("fixture")["request"]["object"]
-                        .clone(),
-                )
-                .expect("pod");
-                let mut pod = pod;
-                pod.metadata.namespace = None;
-                if let Some(spec) = pod.spec.as_mut() {
-                    spec.volumes
-                        .get_or_insert_default()
-                        .retain(|v| !v.name.starts_with("kube-api-access-"));
-                    for c in spec
-                        .containers
-                        .iter_mut()
-                        .chain(spec.init_containers.iter_mut().flatten())
-                    {
-                        c.volume_mounts
-                            .get_or_insert_default()
-                            .retain(|m| !m.name.starts_with("kube-api-access-"));
-                    }
-                }
+                let pod = function_pod(&host);
                 match pods.create(&PostParams::default(), &pod).await {
                     Ok(p)
                         if p.spec.as_ref().is_some_and(|s| {
