@@ -42,9 +42,11 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 /// Lifetime of a CA made here.
-pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of a serving certificate, unless said otherwise.
-pub const LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+const LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The common name of the CA that `certs` and `--managed-tls-secret` make.
+const WEBHOOK_CA_NAME: &str = "fn-image-resolver webhook CA";
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
@@ -63,12 +65,13 @@ fn validity(params: &mut CertificateParams, lifetime: Duration) {
 }
 
 impl CertificateAuthority {
-    pub fn generate(common_name: &str) -> Result<Self, CertError> {
-        Self::generate_for(common_name, CA_LIFETIME)
+    /// A new self-signed CA for the webhook's serving certificates.
+    pub fn for_webhook() -> Result<Self, CertError> {
+        Self::generate(WEBHOOK_CA_NAME)
     }
 
-    /// A new self-signed CA valid for `lifetime`.
-    pub fn generate_for(common_name: &str, lifetime: Duration) -> Result<Self, CertError> {
+    /// A new self-signed CA, valid for 10 years.
+    pub fn generate(common_name: &str) -> Result<Self, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -80,7 +83,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        validity(&mut params, lifetime);
+        validity(&mut params, CA_LIFETIME);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         Ok(Self {
@@ -181,7 +184,7 @@ pub fn write_bundle(
     if !force && let Some(existing) = files.iter().find(|p| p.exists()) {
         return Err(WriteError::Exists(existing.clone()));
     }
-    let ca = CertificateAuthority::generate("fn-image-resolver webhook CA")?;
+    let ca = CertificateAuthority::for_webhook()?;
     let serving = ca.issue(names)?;
     std::fs::create_dir_all(dir).map_err(|source| WriteError::Io {
         path: dir.to_path_buf(),

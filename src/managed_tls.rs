@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::certs::{CA_LIFETIME, CertificateAuthority};
+use crate::certs::CertificateAuthority;
 use crate::reload::Backoff;
 use crate::server::tls::ReloadingCert;
 
@@ -120,6 +120,13 @@ fn bundle(secret: &Secret) -> Option<Bundle> {
     })
 }
 
+/// The CA kept in the Secret, when it has a usable one.
+fn stored_ca(secret: &Secret) -> Option<CertificateAuthority> {
+    let cert = String::from_utf8_lossy(data(secret, CA_CRT)?);
+    let key = String::from_utf8_lossy(data(secret, CA_KEY)?);
+    CertificateAuthority::from_pem(&cert, &key).ok()
+}
+
 /// When the serving certificate in `cert_pem` is due for renewal: two
 /// thirds into its lifetime. `None` (due now) when it cannot be read or
 /// does not name every one of `names`.
@@ -139,15 +146,11 @@ pub fn renewal_due(cert_pem: &[u8], names: &[String]) -> Option<SystemTime> {
                 .iter()
                 .filter_map(|n| match n {
                     x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-                    x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
-                        4 => <[u8; 4]>::try_from(*ip)
-                            .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
-                        16 => <[u8; 16]>::try_from(*ip)
-                            .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
-                        _ => None,
-                    },
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => <[u8; 4]>::try_from(*ip)
+                        .map(std::net::IpAddr::from)
+                        .or_else(|_| <[u8; 16]>::try_from(*ip).map(std::net::IpAddr::from))
+                        .ok()
+                        .map(|a| a.to_string()),
                     _ => None,
                 })
                 .collect()
@@ -211,9 +214,7 @@ pub async fn ensure(
     };
     for _ in 0..5 {
         let Some(existing) = api.get_opt(&name).await.map_err(read_err)? else {
-            let ca =
-                CertificateAuthority::generate_for("fn-image-resolver webhook CA", CA_LIFETIME)?;
-            let fresh = secret(settings, &ca, None)?;
+            let fresh = secret(settings, &CertificateAuthority::for_webhook()?, None)?;
             match api.create(&PostParams::default(), &fresh).await {
                 Ok(created) => {
                     info!(secret = %name, namespace = %namespace, "serving certificate created");
@@ -238,19 +239,9 @@ pub async fn ensure(
         }
         // Due (or unreadable): a new serving certificate from the same CA,
         // so the registered caBundle stays good; a new CA only if ours is lost.
-        let ca = match (data(&existing, CA_CRT), data(&existing, CA_KEY)) {
-            (Some(cert), Some(key)) => CertificateAuthority::from_pem(
-                &String::from_utf8_lossy(cert),
-                &String::from_utf8_lossy(key),
-            )
-            .ok(),
-            _ => None,
-        };
-        let ca = match ca {
+        let ca = match stored_ca(&existing) {
             Some(ca) => ca,
-            None => {
-                CertificateAuthority::generate_for("fn-image-resolver webhook CA", CA_LIFETIME)?
-            }
+            None => CertificateAuthority::for_webhook()?,
         };
         let renewed = secret(settings, &ca, existing.metadata.resource_version.clone())?;
         match api.replace(&name, &PostParams::default(), &renewed).await {
