@@ -157,11 +157,16 @@ pub async fn run(
             .await;
         info!(warmed, total, "cache pre-warmed");
     };
-    if tokio::time::timeout(settings.timeout, warm).await.is_err() {
+    let mut warm = std::pin::pin!(warm);
+    let in_time = tokio::time::timeout(settings.timeout, &mut warm).await;
+    readiness.set(READINESS_CHECK, Ok(()));
+    if in_time.is_err() {
         warn!(
             timeout_secs = settings.timeout.as_secs(),
             "pre-warming took longer than --prewarm-timeout; ready anyway (the rest fills in the background)"
         );
+        // Readiness stops waiting, the warming does not: what it fetches
+        // still saves a registry round trip inside admission.
+        warm.await;
     }
-    readiness.set(READINESS_CHECK, Ok(()));
 }

@@ -382,3 +382,46 @@ async fn images_warmed_at_start_up_are_cache_hits_without_a_cluster() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn warming_past_its_timeout_stops_holding_readiness_and_goes_on() {
+    use crate::common::proxy::Kind;
+    let env = PlainEnv::start().await;
+    let image = env.image("fns/set-namespace:v0.4");
+    env.proxy.set_fault(
+        Fault::Delay(Duration::from_millis(1500)),
+        Some(Kind::Manifest),
+    );
+    let mut config = crate::serve_config(&env.settings(), CacheSettings::default());
+    config.prewarm = fn_image_resolver::prewarm::PrewarmSettings {
+        images: vec![image.clone()],
+        file: None,
+        pods: None,
+        timeout: Duration::from_millis(200),
+    };
+    let running = fn_image_resolver::app::start(config).await.expect("serve");
+    let base = format!("http://{}", running.resolver_addr);
+    let ready = crate::e2e::wait_ready(&format!("{base}/readyz")).await;
+    assert_eq!(ready["checks"]["prewarm"]["ready"], true, "{ready}");
+    let warmed = "fn_image_resolver_prewarm_images_total{result=\"cached\"} 1";
+    assert!(
+        !crate::metrics_text(&base).await.contains(warmed),
+        "ready before the slow image was warmed"
+    );
+    // The warming goes on past the timeout and fills the cache.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = crate::metrics_text(&base).await;
+        if metrics.contains(warmed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metrics.contains(warmed), "{metrics}");
+    env.proxy.set_fault(Fault::None, None);
+    let requests = env.proxy.total();
+    let (status, body) = get(&format!("{base}/v1/resolve?image={image}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cached"], "hit", "{body}");
+    assert_eq!(env.proxy.total(), requests, "no second fetch");
+}
