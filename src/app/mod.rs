@@ -111,15 +111,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         &config.resolver,
         Some(metrics.clone()),
     )?);
+    let allowed_registries: Vec<String> = config
+        .resolver_allowed_registries
+        .iter()
+        .map(|h| crate::registry::reference::normalize_host(h))
+        .collect();
     // Configured registries keep metric labels of their own; others share
     // "other" past a limit.
     metrics.configure_registries(
-        resolver.configured_registries().into_iter().chain(
-            config
-                .resolver_allowed_registries
-                .iter()
-                .map(|h| crate::registry::reference::normalize_host(h)),
-        ),
+        resolver
+            .configured_registries()
+            .into_iter()
+            .chain(allowed_registries.iter().cloned()),
     );
     let cache = CachedResolver::new(resolver, config.cache.clone(), metrics.clone());
     let readiness = Arc::new(Readiness::default());
@@ -208,11 +211,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         max_batch: config.max_batch,
-        allowed_registries: config
-            .resolver_allowed_registries
-            .iter()
-            .map(|h| crate::registry::reference::normalize_host(h))
-            .collect(),
+        allowed_registries,
         request_timeout: config.http.request_timeout,
     });
 
