@@ -400,8 +400,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn admission_entrypoint_replaced(&self) {
-        self.admission_entrypoints_replaced.inc();
+    /// `count` function entrypoints replaced in one review.
+    pub fn admission_entrypoints_replaced(&self, count: usize) {
+        self.admission_entrypoints_replaced
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// Counts a request as in flight until the returned guard drops.
@@ -425,7 +427,6 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Prometheus text exposition.
     /// Registry hosts that always get label values of their own: those of
     /// the Docker config, the default image prefix and the resolver's
     /// allowlist (normalized).
@@ -437,6 +438,7 @@ impl Metrics {
             .extend(hosts);
     }
 
+    /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let dropped = crate::telemetry::dropped_log_lines();
         let seen = self

@@ -475,9 +475,7 @@ impl Admitter {
             for unpinned in mutation.unpinned.values() {
                 metrics.admission_unpinned(unpinned.kind.as_str());
             }
-            for _ in 0..mutation.entrypoints_replaced {
-                metrics.admission_entrypoint_replaced();
-            }
+            metrics.admission_entrypoints_replaced(mutation.entrypoints_replaced);
         }
         for (container, unpinned) in &mutation.unpinned {
             warn!(uid, container, image = %unpinned.image, reason = %unpinned.reason, "container admitted unpinned (failure mode open)");

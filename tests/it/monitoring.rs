@@ -100,7 +100,7 @@ fn alerts_and_dashboard_ask_for_metrics_the_service_exports() {
     metrics.secret_propagation(d);
     metrics.admission_review("patched");
     metrics.admission_unpinned("deadline");
-    metrics.admission_entrypoint_replaced();
+    metrics.admission_entrypoints_replaced(1);
     metrics.prewarm("cached");
     metrics.handler_panic("/mutate");
     metrics.token_review("allowed");
