@@ -710,23 +710,16 @@ async fn the_function_pods_already_running_are_warmed_before_ready() {
     let base = format!("http://127.0.0.1:{resolver_port}");
     wait_ready(&format!("{base}/readyz")).await;
     let requests = env.proxy.total();
-    let answer: Value = reqwest::get(format!("{base}/v1/resolve?image={original}"))
-        .await
-        .expect("resolve")
-        .json()
-        .await
-        .expect("json");
+    let (status, answer) = crate::serve::get(&format!("{base}/v1/resolve?image={original}")).await;
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer["cached"], "hit",
         "the original image was warmed: {answer}"
     );
     assert_eq!(env.proxy.total(), requests);
-    let answer: Value = reqwest::get(format!("{base}/v1/resolve?image={host}/fns/multi-arch:v1"))
-        .await
-        .expect("resolve")
-        .json()
-        .await
-        .expect("json");
+    let (status, answer) =
+        crate::serve::get(&format!("{base}/v1/resolve?image={host}/fns/multi-arch:v1")).await;
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer["cached"], "miss",
         "an unlabelled pod's image was not: {answer}"

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use crate::common::proxy::Fault;
 use crate::{Endpoint, PlainEnv};
 
-async fn get(url: &str) -> (u16, Value) {
+/// GET `url`: its status and JSON body (`null` when it has none).
+pub(crate) async fn get(url: &str) -> (u16, Value) {
     let resp = reqwest::get(url).await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
