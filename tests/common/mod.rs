@@ -58,3 +58,12 @@ pub fn built_tool(env_var: &str, script: &str) -> PathBuf {
             .trim(),
     )
 }
+
+/// A temp dir holding `ca.crt`, `ca.key`, `tls.crt` and `tls.key` (as `certs`
+/// writes them) for a server on 127.0.0.1.
+pub fn loopback_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fn_image_resolver::certs::write_bundle(dir.path(), &["127.0.0.1".to_string()], false)
+        .expect("certs");
+    dir
+}

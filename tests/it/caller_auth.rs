@@ -54,9 +54,7 @@ async fn token_review_admits_allowed_subjects_only_and_the_allowlist_holds() {
     let other_audience = token_for("porch-fn-runner", None);
 
     let env = PlainEnv::start().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
     let serve = |extra: &[&str]| {

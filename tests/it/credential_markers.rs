@@ -36,9 +36,7 @@ async fn no_secret_appears_in_logs_responses_or_metrics() {
         wrong_refresh.host.clone(): {"identitytoken": WRONG_REFRESH},
     }});
     let (cfg_dir, cfg) = docker_config(&config);
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     std::fs::write(
         certs.path().join("callers"),
         format!("{CALLER_TOKEN},porch\n"),

@@ -110,9 +110,7 @@ async fn the_api_server_stores_function_pods_pinned_through_the_registered_webho
     );
     let (_cfg_dir, cfg) =
         docker_config(&json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}}));
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     let port = crate::common::free_port();
     let resolver_port = crate::common::free_port();
     let metrics_url = format!("http://127.0.0.1:{resolver_port}/metrics");

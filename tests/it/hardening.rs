@@ -28,9 +28,7 @@ impl Drop for Served {
 
 impl Served {
     async fn start(env: &PlainEnv, extra: &[&str]) -> Self {
-        let certs = tempfile::tempdir().expect("tempdir");
-        fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-            .expect("certs");
+        let certs = crate::common::loopback_certs();
         let webhook = crate::common::free_port();
         let resolver = crate::common::free_port();
         let child = crate::serve_command(certs.path(), webhook, resolver)

@@ -256,9 +256,7 @@ async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without
 async fn a_secret_made_by_someone_else_is_used_and_never_written_and_unregister_cleans_up() {
     let (plane, admin) = porch_with_deploy().await;
     // cert-manager's kind of Secret: tls.crt, tls.key, ca.crt; no label of ours.
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     let read = |f: &str| std::fs::read(certs.path().join(f)).expect("read");
     let theirs = Secret {
         metadata: kube::api::ObjectMeta {

@@ -237,9 +237,7 @@ struct Conflicts {
 
 async fn conflict_webhook(conflicts: Arc<Conflicts>) -> (u16, String, tempfile::TempDir) {
     use std::sync::atomic::Ordering;
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     let cert = fn_image_resolver::server::tls::ReloadingCert::load(
         certs.path().join("tls.crt"),
         certs.path().join("tls.key"),

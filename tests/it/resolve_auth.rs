@@ -435,9 +435,7 @@ async fn a_redirect_from_https_to_plain_http_is_refused() {
     // The plain-HTTP host, listed as insecure: a downgrade is refused anyway.
     let plain = crate::PlainEnv::start().await;
     // An HTTPS registry front that redirects every request there.
-    let certs = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(certs.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let certs = crate::common::loopback_certs();
     let cert = fn_image_resolver::server::tls::ReloadingCert::load(
         certs.path().join("tls.crt"),
         certs.path().join("tls.key"),

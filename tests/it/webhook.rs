@@ -573,9 +573,7 @@ async fn rotated_certificates_are_served_without_a_failed_request() {
     let env = PlainEnv::start().await;
     let hook = webhook(&env.settings(), FailureMode::Open).await;
     let old_ca = std::fs::read_to_string(hook.certs.path().join("ca.crt")).expect("ca");
-    let next = tempfile::tempdir().expect("tempdir");
-    fn_image_resolver::certs::write_bundle(next.path(), &["127.0.0.1".to_string()], false)
-        .expect("certs");
+    let next = crate::common::loopback_certs();
     let new_ca = std::fs::read_to_string(next.path().join("ca.crt")).expect("ca");
 
     // A client that trusts both CAs keeps connecting (new connection each
