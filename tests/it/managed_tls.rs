@@ -77,6 +77,35 @@ fn der(pem: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// `serve` with the managed Secret: the webhook on `port`, registered as
+/// `https://127.0.0.1:{url_port}/mutate`, certificates valid for 30 s (a
+/// renewal is due about 20 s in), as the deploy's ServiceAccount. Callers
+/// add their flags and spawn; the resolver endpoint's port comes with it.
+fn managed_serve(
+    port: u16,
+    url_port: u16,
+    kubeconfig: &std::path::Path,
+) -> (tokio::process::Command, u16) {
+    let resolver = crate::common::free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"));
+    command
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
+        .arg(format!("--managed-tls-secret={SECRET}"))
+        .arg("--managed-tls-validity=30s")
+        .arg("--register-webhook")
+        .args([
+            "--webhook-url",
+            &format!("https://127.0.0.1:{url_port}/mutate"),
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    (command, resolver)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without_a_failed_review() {
     let (plane, admin) = porch_with_deploy().await;
@@ -85,25 +114,10 @@ async fn two_replicas_share_one_secret_register_its_ca_and_renew_it_once_without
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
     let (port_a, port_b) = (crate::common::free_port(), crate::common::free_port());
     let replica = |port: u16| {
-        let resolver = crate::common::free_port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
-            .arg(format!("--managed-tls-secret={SECRET}"))
-            // Short, to see a renewal: due two thirds in (about 20 s).
-            .arg("--managed-tls-validity=30s")
-            .arg("--register-webhook")
-            .args([
-                "--webhook-url",
-                &format!("https://127.0.0.1:{port_a}/mutate"),
-            ])
+        let (mut command, resolver) = managed_serve(port, port_a, &kubeconfig);
+        let child = command
             .args(["--failure-policy", "fail"])
             .args(["--insecure-registry", &host])
-            .env("KUBECONFIG", &kubeconfig)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("start serve");
         (child, resolver)
@@ -289,22 +303,9 @@ async fn a_secret_made_by_someone_else_is_used_and_never_written_and_unregister_
         .await
         .expect("create");
     let port = crate::common::free_port();
-    let resolver = crate::common::free_port();
     let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
-    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"))
-        .arg("serve")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
-        .arg(format!("--managed-tls-secret={SECRET}"))
-        .arg("--managed-tls-validity=30s")
-        .arg("--register-webhook")
-        .args(["--webhook-url", &format!("https://127.0.0.1:{port}/mutate")])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start serve");
+    let (mut command, resolver) = managed_serve(port, port, &kubeconfig);
+    let serve = command.spawn().expect("start serve");
     crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver}/readyz")).await;
     assert_eq!(
         served_leaf(port, &read("ca.crt")).expect("served"),
