@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests run against from Debian: docker-registry
-# (distribution 2.8), htpasswd, curl, and promtool (package prometheus) for
-# the alert rules' unit tests. Then checks for what Debian does not
+# (distribution 2.8), htpasswd, curl, promtool (package prometheus) for
+# the alert rules' unit tests, and the node of the test cluster
+# (tests/cluster/up.sh): containerd, runc, the CNI plugins, iptables,
+# conntrack, iproute2, openssl. Then checks for what Debian does not
 # provide at the versions needed, and says how to get it: Go >= 1.24 (the
 # tests build kube-apiserver and etcd from Go modules, tests/k8s/build.sh,
 # and install go-containerregistry's crane, tests/crane/build.sh)
@@ -18,6 +20,14 @@ command -v python3 >/dev/null || packages+=(python3)
 if [ -z "${FNIR_QUICKSTART:-}" ]; then
     command -v htpasswd >/dev/null || packages+=(apache2-utils)
     command -v promtool >/dev/null || packages+=(prometheus)
+    command -v containerd >/dev/null || packages+=(containerd)
+    command -v runc >/dev/null || packages+=(runc)
+    [ -x /usr/lib/cni/bridge ] || packages+=(containernetworking-plugins)
+    command -v iptables >/dev/null || packages+=(iptables)
+    command -v conntrack >/dev/null || packages+=(conntrack)
+    command -v ip >/dev/null || packages+=(iproute2)
+    command -v openssl >/dev/null || packages+=(openssl)
+    command -v nsenter >/dev/null || packages+=(util-linux)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     sudo=""
@@ -27,8 +37,9 @@ if [ ${#packages[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
     # The package starts its own service on :5000 where systemd runs; the
     # tests start their own registries, so stop it to free the port.
-    # Prometheus likewise (only its promtool is used).
-    for service in docker-registry prometheus; do
+    # Prometheus and containerd likewise (only promtool is used; the test
+    # cluster runs a containerd of its own).
+    for service in docker-registry prometheus containerd; do
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
             $sudo systemctl disable --now "$service" || true
         fi
