@@ -49,6 +49,7 @@ async fn main() {
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
         max_concurrent_fetches: 32,
+        wait_for_files: false,
     };
     let metrics = Metrics::new();
     let resolver =

@@ -75,7 +75,8 @@ pub async fn follow<E: Display>(
 ) {
     let mut watch = FileWatch::new(files);
     let mut resync = tokio::time::interval(resync);
-    resync.tick().await;
+    // The first tick is now: one read once the watch is in place catches a
+    // change made between the caller's own first read and the watch.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut retry: Option<Duration> = None;
     loop {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 
-use crate::health::Readiness;
+use crate::health::{Check, Readiness};
 use crate::metrics::Metrics;
 use crate::registry::DockerConfig;
 use crate::reload::{Backoff, FileWatch};
@@ -37,6 +37,10 @@ pub const SECRET_KEY: &str = ".dockerconfigjson";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "fn-image-resolver";
 const FIELD_MANAGER: &str = "fn-image-resolver";
+/// Set only when the mirror creates the Secret, never by its later applies
+/// (which would add it to a Secret Porch created too, as they add the
+/// managed-by label): how `unregister` tells ours from Porch's.
+pub const CREATED_ANNOTATION: &str = "fn-image-resolver.kpt.dev/created";
 
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
@@ -96,6 +100,12 @@ impl MirrorStatus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// Not a failure: an optional Secret volume whose Secret does not exist
+    /// (a Porch without private registries). Synced once the file appears.
+    #[error(
+        "no Docker config at {path} to mirror yet: pods are admitted without the pull secret until the file appears"
+    )]
+    NoSourceYet { path: PathBuf },
     #[error("the source {path} is unusable and no earlier good copy exists: {reason}")]
     NoSource { path: PathBuf, reason: String },
     #[error("cannot read Secret {namespace}/{name}: {source}")]
@@ -158,6 +168,10 @@ impl Mirror {
     /// else the last good copy.
     fn source(&mut self) -> Result<Vec<u8>, SyncError> {
         let path = &self.settings.source;
+        if self.last_good.is_none() && !path.exists() {
+            self.metrics.secret_sync("no-source");
+            return Err(SyncError::NoSourceYet { path: path.clone() });
+        }
         let read = std::fs::read(path)
             .map_err(|e| format!("cannot read it: {e}"))
             .and_then(|bytes| {
@@ -219,7 +233,7 @@ impl Mirror {
             self.pending_since = None;
             return Ok(SyncOutcome::Unchanged);
         }
-        let secret = Secret {
+        let mut secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some(namespace.clone()),
@@ -233,6 +247,38 @@ impl Mirror {
             data: Some(BTreeMap::from([(SECRET_KEY.to_string(), ByteString(data))])),
             ..Default::default()
         };
+        if current.is_none() {
+            // A plain create carries the mark; the annotation is then owned
+            // by this manager's create, not by its applies, so no later
+            // apply removes it. Someone else creating it first (another
+            // replica, Porch) is no error: apply over theirs, unmarked.
+            let mut marked = secret.clone();
+            marked.metadata.annotations = Some(BTreeMap::from([(
+                CREATED_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]));
+            let params = kube::api::PostParams {
+                field_manager: Some(FIELD_MANAGER.to_string()),
+                ..Default::default()
+            };
+            match self.api.create(&params, &marked).await {
+                Ok(_) => {
+                    if let Some(since) = self.pending_since.take() {
+                        self.metrics.secret_propagation(since.elapsed());
+                    }
+                    return Ok(SyncOutcome::Created);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(source) => {
+                    return Err(SyncError::Apply {
+                        namespace,
+                        name,
+                        source,
+                    });
+                }
+            }
+            secret.metadata.annotations = None;
+        }
         self.api
             .patch(
                 &name,
@@ -313,23 +359,33 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant>;
     let mut reason = "startup";
+    let mut waiting_logged = false;
     loop {
         let result = mirror.sync().await;
         let recorded = result.as_ref().map(|_| ()).map_err(ToString::to_string);
         status.record(&recorded);
-        // Ready once the secret has been put in place; a later failure is
-        // retried and logged but does not take the webhook out of service.
+        // Readiness waits for this first attempt, not for its success: the
+        // webhook admits pods either way (it injects the Secret only where
+        // it exists), so a mirror that cannot write is a reason to read in
+        // /readyz, a metric and an alert, never a replica out of service.
         if let Some(readiness) = &readiness {
             readiness.set(
                 READINESS_CHECK,
-                if status.is_synced() {
-                    Ok(())
-                } else {
-                    Err(recorded.err().unwrap_or_default())
+                match &recorded {
+                    Ok(()) => Check::Ready,
+                    Err(reason) => Check::Degraded(reason.clone()),
                 },
             );
         }
         match result {
+            Err(e @ SyncError::NoSourceYet { .. }) => {
+                // Nothing to retry: the file watch and the resync notice it.
+                if !waiting_logged {
+                    info!(reason = %e, "pull-secret mirror waiting for its source");
+                    waiting_logged = true;
+                }
+                retry_at = None;
+            }
             Ok(outcome) => {
                 metrics.secret_sync(outcome.as_str());
                 if outcome != SyncOutcome::Unchanged {
@@ -368,11 +424,56 @@ pub async fn run(
     target.abort();
 }
 
+/// What [`delete_if_created`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Deleted,
+    /// Someone else (Porch's function runner) created it: left alone.
+    NotCreatedByUs,
+    Gone,
+}
+
+/// Deletes the pull secret if the mirror created it (uninstall): a Secret
+/// Porch wrote stays, even though the mirror's applies labelled it too.
+pub async fn delete_if_created(api: &Api<Secret>, name: &str) -> Result<Removal, kube::Error> {
+    let Some(secret) = api.get_opt(name).await? else {
+        return Ok(Removal::Gone);
+    };
+    let created = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CREATED_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    if !created {
+        return Ok(Removal::NotCreatedByUs);
+    }
+    // Only the object just read: if it was replaced meanwhile, it is not
+    // the one we checked.
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: secret.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(Removal::Deleted),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(Removal::Gone),
+        Err(e) => Err(e),
+    }
+}
+
 /// The readiness check the mirror reports into.
 pub const READINESS_CHECK: &str = "pull-secret";
 
+/// How long readiness waits for the mirror's first attempt to end.
+pub const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs the mirror once a Kubernetes client can be built (in-cluster or
 /// `$KUBECONFIG`), retrying until then with the reason in `readiness`.
+/// Readiness waits for the first attempt at most [`FIRST_ATTEMPT_WAIT`];
+/// past that the check is degraded with its reason, not failing.
 pub async fn run_when_connected(
     settings: MirrorSettings,
     status: Arc<MirrorStatus>,
@@ -380,14 +481,35 @@ pub async fn run_when_connected(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
-    readiness.set(READINESS_CHECK, Err("not synced yet".into()));
+    readiness.set(READINESS_CHECK, Err("first sync not done yet".into()));
+    let bound = {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FIRST_ATTEMPT_WAIT).await;
+            if let Some(Check::NotReady(reason)) = readiness.get(READINESS_CHECK) {
+                readiness.set(
+                    READINESS_CHECK,
+                    Check::Degraded(format!(
+                        "no sync done within {}s: {reason}",
+                        FIRST_ATTEMPT_WAIT.as_secs()
+                    )),
+                );
+            }
+        })
+    };
+    let _abort_bound = tokio_util::task::AbortOnDropHandle::new(bound);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     let client = loop {
         match crate::cluster::client().await {
             Ok(client) => break client,
             Err(reason) => {
                 warn!(error = %reason, "secret mirror waiting for a Kubernetes client");
-                readiness.set(READINESS_CHECK, Err(reason));
+                // Still within the first attempt's wait: keep its state.
+                if let Some(Check::Degraded(_)) = readiness.get(READINESS_CHECK) {
+                    readiness.set(READINESS_CHECK, Check::Degraded(reason));
+                } else {
+                    readiness.set(READINESS_CHECK, Err(reason));
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}

@@ -553,6 +553,7 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
                 resolve_timeout: Duration::from_secs(1),
                 max_concurrent_fetches: 1,
+                wait_for_files: false,
             })
             .expect("resolver");
             let cache = CachedResolver::new(

@@ -147,11 +147,22 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             .in_current_span(),
         );
     }
+    if config.resolver.private_registries || config.resolver.tls_ca_dir.is_some() {
+        cache.resolver().report_readiness(&readiness);
+    }
     if config.resolver.private_registries {
         background.spawn(
             cache
                 .clone()
-                .follow_credentials(stop.clone())
+                .follow_credentials(readiness.clone(), stop.clone())
+                .in_current_span(),
+        );
+    }
+    if config.resolver.tls_ca_dir.is_some() {
+        background.spawn(
+            cache
+                .clone()
+                .follow_registry_ca(readiness.clone(), stop.clone())
                 .in_current_span(),
         );
     }

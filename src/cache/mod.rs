@@ -27,7 +27,7 @@ mod entry;
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 
 use self::entry::{Entry, Wanted};
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::registry::{
     CredentialId, ImageAnswer, KeyedCredential, Platform, RegistryError, Resolution, ResolveError,
@@ -516,7 +517,7 @@ impl CachedResolver {
     /// Follows the mounted Docker config until `shutdown`: reloads the
     /// credentials when the file changes (a broken file keeps the last good
     /// config) and drops the answers fetched with credentials that are gone.
-    pub async fn follow_credentials(self, shutdown: CancellationToken) {
+    pub async fn follow_credentials(self, readiness: Arc<Readiness>, shutdown: CancellationToken) {
         let credentials = self.resolver.credentials().clone();
         let Some(path) = credentials.path().map(Path::to_path_buf) else {
             return;
@@ -527,7 +528,9 @@ impl CachedResolver {
             CREDENTIALS_RESYNC,
             shutdown,
             || {
-                if credentials.reload()? {
+                let changed = credentials.reload();
+                self.resolver.report_readiness(&readiness);
+                if changed? {
                     let current = credentials.current();
                     self.metrics
                         .configure_registries(current.registries().map(str::to_string));
@@ -537,6 +540,25 @@ impl CachedResolver {
                 Ok::<_, crate::registry::DockerConfigError>(())
             },
         )
+        .await;
+    }
+
+    /// Follows the registry CA file (`--tls-secret-path`): it may appear, or
+    /// be rotated, while the process runs.
+    pub async fn follow_registry_ca(self, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+        let Some(dir) = self.resolver.mounted_ca_dir().map(Path::to_path_buf) else {
+            return;
+        };
+        let files: Vec<_> = crate::registry::tls::CA_FILE_NAMES
+            .iter()
+            .map(|name| dir.join(name))
+            .collect();
+        let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        crate::reload::follow("registry CA", &files, CREDENTIALS_RESYNC, shutdown, || {
+            let reloaded = self.resolver.reload_ca();
+            self.resolver.report_readiness(&readiness);
+            reloaded.map(|_| ())
+        })
         .await;
     }
 

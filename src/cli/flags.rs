@@ -179,6 +179,7 @@ impl RegistryArgs {
             request_timeout: self.registry_timeout,
             resolve_timeout: self.registry_timeout,
             max_concurrent_fetches: self.max_concurrent_fetches as usize,
+            wait_for_files: false,
         }
     }
 }
@@ -229,11 +230,13 @@ impl CacheArgs {
 #[command(next_help_heading = "Server")]
 pub struct ServerArgs {
     /// Address of the plain-HTTP resolver endpoint (/v1/resolve, /healthz,
-    /// /readyz, /metrics). Loopback only: it is the function runner's sidecar.
+    /// /readyz, /metrics). Loopback only. The default port is one nothing in
+    /// Porch's function-runner pod uses (its gRPC server has 9445, its
+    /// metrics 9464, pprof 8080), so the sidecar component can sit there.
     #[arg(
         long,
         env = "FN_IMAGE_RESOLVER_RESOLVER_LISTEN",
-        default_value = "127.0.0.1:9445",
+        default_value = "127.0.0.1:9447",
         value_name = "ADDR"
     )]
     pub resolver_listen: SocketAddr,

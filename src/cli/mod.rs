@@ -17,7 +17,7 @@ use self::flags::{
 use crate::app::{Callers, ServeConfig, ServingCertificate, WebhookConfig};
 use crate::cache::{CacheSettings, CachedResolver};
 use crate::metrics::Metrics;
-use crate::registry::{Resolution, Resolver};
+use crate::registry::{Resolution, Resolver, ResolverSettings};
 
 /// Pins Porch KRM function images to digests, fills their entrypoints from the
 /// image config, and mirrors the registry pull secret.
@@ -56,7 +56,7 @@ pub enum Command {
     Unregister(UnregisterArgs),
     /// Exit 0 if URL answers 2xx within 3s (for exec probes of a loopback endpoint).
     Check {
-        /// e.g. http://127.0.0.1:9445/readyz
+        /// e.g. http://127.0.0.1:9447/readyz
         url: String,
     },
 }
@@ -86,6 +86,22 @@ pub struct UnregisterArgs {
         value_name = "NAME"
     )]
     pub managed_tls_secret: Option<String>,
+    /// The pull secret `serve` mirrored into --pod-namespace; deleted only
+    /// if the mirror created it (one Porch's function runner wrote stays).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_REGISTRY_AUTH_SECRET_NAME",
+        value_name = "NAME"
+    )]
+    pub registry_auth_secret_name: Option<String>,
+    /// Namespace of that pull secret (the function pods' namespace).
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_POD_NAMESPACE",
+        default_value = "porch-fn-system",
+        value_name = "NAMESPACE"
+    )]
+    pub pod_namespace: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,7 +131,12 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The plain configuration of `serve` these flags make.
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
-        let resolver = self.registry.resolver_settings();
+        // A long-running server waits for its mounted files (optional
+        // Secret volumes may be empty when it starts).
+        let resolver = ResolverSettings {
+            wait_for_files: true,
+            ..self.registry.resolver_settings()
+        };
         let certificate = match (
             &self.webhook.tls_cert_file,
             &self.webhook.tls_key_file,
@@ -236,7 +257,7 @@ pub fn run() -> ExitCode {
     let _logs = match crate::telemetry::init_logging(cli.log.log_format, &cli.log.log_level) {
         Ok(guard) => guard,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             return ExitCode::from(2);
         }
     };
@@ -266,10 +287,27 @@ pub fn run() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many of our
+/// messages already end with their cause's text (`cannot read X: No such
+/// file or directory`), which `{:#}` would print a second time.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
@@ -351,13 +389,25 @@ async fn unregister(args: &UnregisterArgs) -> anyhow::Result<()> {
     }
     if let Some(secret) = &args.managed_tls_secret {
         let namespace = &args.registration.webhook_service_namespace;
-        let api = kube::Api::namespaced(client, namespace);
+        let api = kube::Api::namespaced(client.clone(), namespace);
         let what = match crate::managed_tls::delete_if_ours(&api, secret).await? {
             crate::managed_tls::Removal::Deleted => "deleted",
             crate::managed_tls::Removal::NotOurs => {
                 "left as it is (fn-image-resolver did not make it)"
             }
             crate::managed_tls::Removal::Gone => "was already gone",
+        };
+        eprintln!("Secret {namespace}/{secret} {what}");
+    }
+    if let Some(secret) = &args.registry_auth_secret_name {
+        let namespace = &args.pod_namespace;
+        let api = kube::Api::namespaced(client, namespace);
+        let what = match crate::secrets::delete_if_created(&api, secret).await? {
+            crate::secrets::Removal::Deleted => "deleted",
+            crate::secrets::Removal::NotCreatedByUs => {
+                "left as it is (fn-image-resolver did not create it: Porch's function runner writes it too)"
+            }
+            crate::secrets::Removal::Gone => "was already gone",
         };
         eprintln!("Secret {namespace}/{secret} {what}");
     }

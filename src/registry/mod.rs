@@ -11,8 +11,9 @@ pub mod tls;
 pub mod tokens;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use std::time::Duration;
@@ -55,6 +56,23 @@ pub struct ResolverSettings {
     pub resolve_timeout: Duration,
     /// Most resolutions (or revalidations) in flight at once.
     pub max_concurrent_fetches: usize,
+    /// A Docker config or CA file that is not there yet is waited for
+    /// (`serve`, whose Secret volumes are optional) rather than an error
+    /// (`resolve`, where the user named the file).
+    pub wait_for_files: bool,
+}
+
+/// The readiness check of the mounted Docker config and registry CA.
+pub const PRIVATE_REGISTRIES_CHECK: &str = "private-registries";
+
+/// A mounted file that could not be taken up while running (the last good
+/// one stays in use).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
 /// Configuration problems found at startup; each names the file or flag.
@@ -191,6 +209,9 @@ pub struct Credentials {
     path: Option<PathBuf>,
     /// Read on every resolve, replaced whole on reload.
     current: ArcSwap<DockerConfig>,
+    /// No file at `path` yet (a Secret volume marked optional whose Secret
+    /// does not exist): no credentials until it appears.
+    missing: AtomicBool,
 }
 
 impl Credentials {
@@ -199,16 +220,41 @@ impl Credentials {
         Self {
             path: None,
             current: ArcSwap::from_pointee(DockerConfig::default()),
+            missing: AtomicBool::new(false),
         }
     }
 
+    /// Reads the Docker config at `path`; a file that is not there is an error.
     pub fn load(path: PathBuf) -> Result<Self, DockerConfigError> {
         let config = DockerConfig::load(&path)?;
         warn_about(&config, &path);
         Ok(Self {
             path: Some(path),
             current: ArcSwap::from_pointee(config),
+            missing: AtomicBool::new(false),
         })
+    }
+
+    /// The same, except that a file that is not there yet means no
+    /// credentials until [`Credentials::reload`] finds it (what a
+    /// long-running process does with an optional Secret volume).
+    pub fn load_or_wait(path: PathBuf) -> Result<Self, DockerConfigError> {
+        match Self::load(path.clone()) {
+            Err(DockerConfigError::Read { source, .. }) if is_not_found(&source) => {
+                warn!(path = %path.display(), "no Docker config: private registries are off until the file appears");
+                Ok(Self {
+                    path: Some(path),
+                    current: ArcSwap::from_pointee(DockerConfig::default()),
+                    missing: AtomicBool::new(true),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the file was not there at the last read.
+    pub fn is_missing(&self) -> bool {
+        self.missing.load(Ordering::Acquire)
     }
 
     /// The file the credentials come from (`None`: private registries off).
@@ -226,7 +272,18 @@ impl Credentials {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let config = DockerConfig::load(path)?;
+        let config = match DockerConfig::load(path) {
+            // Still not there: nothing to say again.
+            Err(DockerConfigError::Read { source, .. })
+                if is_not_found(&source) && self.is_missing() =>
+            {
+                return Ok(false);
+            }
+            other => other?,
+        };
+        if self.missing.swap(false, Ordering::AcqRel) {
+            info!(path = %path.display(), "Docker config appeared: private registries are on");
+        }
         // Only the watcher task reloads, so compare-then-store does not race.
         if **self.current.load() == config {
             return Ok(false);
@@ -236,6 +293,10 @@ impl Credentials {
         self.current.store(Arc::new(config));
         Ok(true)
     }
+}
+
+fn is_not_found(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
 }
 
 fn warn_about(config: &DockerConfig, path: &std::path::Path) {
@@ -258,6 +319,9 @@ fn warn_about(config: &DockerConfig, path: &std::path::Path) {
 pub struct Resolver {
     client: RegistryClient,
     credentials: Arc<Credentials>,
+    /// `--tls-secret-path` when private-registry TLS is on, with the CA
+    /// file's bytes last loaded from it (`None`: no CA file there yet).
+    mounted_ca: Option<(PathBuf, Mutex<Option<Vec<u8>>>)>,
     default_prefix: String,
     platform: Platform,
     private_registries: bool,
@@ -277,18 +341,24 @@ impl Resolver {
         settings: &ResolverSettings,
         observer: Option<Arc<dyn RequestObserver>>,
     ) -> Result<Self, SetupError> {
-        let credentials = if settings.private_registries {
-            Credentials::load(settings.docker_config_path.clone())?
-        } else {
-            Credentials::none()
+        let credentials = match (settings.private_registries, settings.wait_for_files) {
+            (false, _) => Credentials::none(),
+            (true, false) => Credentials::load(settings.docker_config_path.clone())?,
+            (true, true) => Credentials::load_or_wait(settings.docker_config_path.clone())?,
         };
-        let mounted_ca = match &settings.tls_ca_dir {
-            Some(dir) => {
-                let (path, roots) = tls::load_ca_dir(dir)?;
-                info!(path = %path.display(), certificates = roots.len(), "loaded registry CA");
-                Some(roots)
-            }
-            None => None,
+        let (mounted_ca, ca_state) = match &settings.tls_ca_dir {
+            Some(dir) => match tls::load_ca_dir(dir) {
+                Ok((path, roots, pem)) => {
+                    info!(path = %path.display(), certificates = roots.len(), "loaded registry CA");
+                    (Some(roots), Some((dir.clone(), Mutex::new(Some(pem)))))
+                }
+                Err(TlsError::NoCaFile { .. }) if settings.wait_for_files => {
+                    warn!(dir = %dir.display(), "no registry CA file: registries are verified with the system roots until it appears");
+                    (None, Some((dir.clone(), Mutex::new(None))))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => (None, None),
         };
         let system_roots = match tls::system_roots() {
             Ok(roots) => Some(roots),
@@ -319,6 +389,7 @@ impl Resolver {
         Ok(Self {
             client,
             credentials: Arc::new(credentials),
+            mounted_ca: ca_state,
             default_prefix,
             platform: settings.platform.clone(),
             private_registries: settings.private_registries,
@@ -351,6 +422,79 @@ impl Resolver {
 
     pub fn credentials(&self) -> &Arc<Credentials> {
         &self.credentials
+    }
+
+    /// The directory of the registry CA (`--tls-secret-path`), when
+    /// private-registry TLS is on.
+    pub fn mounted_ca_dir(&self) -> Option<&Path> {
+        self.mounted_ca.as_ref().map(|(dir, _)| dir.as_path())
+    }
+
+    /// Re-reads the registry CA; from now on the ladder trusts what the file
+    /// holds. A file that disappears keeps the last CA (as a broken one
+    /// does). Returns whether what is trusted changed.
+    pub fn reload_ca(&self) -> Result<bool, ReloadError> {
+        let Some((dir, loaded)) = &self.mounted_ca else {
+            return Ok(false);
+        };
+        let mut loaded = loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (path, roots, pem) = match tls::load_ca_dir(dir) {
+            Ok(found) => found,
+            Err(TlsError::NoCaFile { .. }) if loaded.is_none() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if loaded.as_deref() == Some(pem.as_slice()) {
+            return Ok(false);
+        }
+        self.client.set_mounted_ca(Some(&roots))?;
+        info!(path = %path.display(), certificates = roots.len(), "registry CA loaded: the ladder starts with it");
+        *loaded = Some(pem);
+        Ok(true)
+    }
+
+    /// Reports [`Resolver::private_registry_gaps`] as the readiness check
+    /// [`PRIVATE_REGISTRIES_CHECK`]: degraded while something is missing.
+    pub fn report_readiness(&self, readiness: &crate::health::Readiness) {
+        let gaps = self.private_registry_gaps();
+        readiness.set(
+            PRIVATE_REGISTRIES_CHECK,
+            if gaps.is_empty() {
+                crate::health::Check::Ready
+            } else {
+                crate::health::Check::Degraded(gaps.join("; "))
+            },
+        );
+    }
+
+    /// What private registries lack for now, one sentence each (empty:
+    /// nothing): a Docker config or a registry CA that a mounted Secret
+    /// should hold but does not yet. For readiness: the webhook serves
+    /// meanwhile, pinning what it can reach.
+    pub fn private_registry_gaps(&self) -> Vec<String> {
+        let mut gaps = Vec::new();
+        if let Some(path) = self.credentials.path()
+            && self.credentials.is_missing()
+        {
+            gaps.push(format!(
+                "no Docker config at {} (--registry-auth-secret-path): private registries are off until the file appears",
+                path.display()
+            ));
+        }
+        if let Some((dir, loaded)) = &self.mounted_ca
+            && loaded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_none()
+        {
+            gaps.push(format!(
+                "no {} in {} (--tls-secret-path): registries are verified with the system roots until it appears",
+                tls::CA_FILE_NAMES.join(" or "),
+                dir.display()
+            ));
+        }
+        gaps
     }
 
     pub fn default_platform(&self) -> &Platform {

@@ -30,8 +30,9 @@ pub enum TlsError {
     SystemRoots(String),
 }
 
-/// Finds `ca.crt` (else `ca.pem`) in `dir` and parses every certificate in it.
-pub fn load_ca_dir(dir: &Path) -> Result<(PathBuf, RootCertStore), TlsError> {
+/// Finds `ca.crt` (else `ca.pem`) in `dir` and parses every certificate in
+/// it; also returns the file's path and bytes.
+pub fn load_ca_dir(dir: &Path) -> Result<(PathBuf, RootCertStore, Vec<u8>), TlsError> {
     let path = CA_FILE_NAMES
         .iter()
         .map(|name| dir.join(name))
@@ -39,8 +40,12 @@ pub fn load_ca_dir(dir: &Path) -> Result<(PathBuf, RootCertStore), TlsError> {
         .ok_or_else(|| TlsError::NoCaFile {
             dir: dir.to_path_buf(),
         })?;
-    let roots = load_ca_file(&path)?;
-    Ok((path, roots))
+    let pem = std::fs::read(&path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let roots = parse_ca(&path, &pem)?;
+    Ok((path, roots, pem))
 }
 
 pub fn load_ca_file(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -48,8 +53,12 @@ pub fn load_ca_file(path: &Path) -> Result<RootCertStore, TlsError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_ca(path, &pem)
+}
+
+fn parse_ca(path: &Path, pem: &[u8]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| TlsError::Pem {
             path: path.to_path_buf(),
             reason: e.to_string(),

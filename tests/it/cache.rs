@@ -395,7 +395,11 @@ async fn new_credentials_on_disk_drop_answers_fetched_with_the_old_ones() {
     settings.docker_config_path = path.clone();
     let (cache, _) = cached(&settings, CacheSettings::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(cache.clone().follow_credentials(shutdown.clone()));
+    tokio::spawn(
+        cache
+            .clone()
+            .follow_credentials(Default::default(), shutdown.clone()),
+    );
     let image = env.image("fns/set-namespace:v0.4");
     let (first, _) = cache.resolve(&image, None).await.expect("miss");
     assert_eq!(first.pull_secret.as_deref(), Some("auth-secret"));

@@ -23,7 +23,7 @@ pub(crate) fn function_pod(registry: &str) -> Pod {
     function_pod_with_wrapper(registry, registry)
 }
 
-fn function_pod_with_wrapper(registry: &str, wrapper_registry: &str) -> Pod {
+pub(crate) fn function_pod_with_wrapper(registry: &str, wrapper_registry: &str) -> Pod {
     let review: Value = serde_json::from_str(&crate::common::function_pod_review(
         registry,
         wrapper_registry,
@@ -488,7 +488,7 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
     .expect("write");
     let (ok, out) = kubectl(&admin, &["kustomize", &porch.path().display().to_string()]);
     assert!(
-        ok && out.contains("--resolver-listen=127.0.0.1:9445")
+        ok && out.contains("--resolver-listen=127.0.0.1:9447")
             && out.contains("name: fn-image-resolver"),
         "{out}"
     );
@@ -582,17 +582,31 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
             "no",
         ),
         (
-            vec!["get", "secrets/auth-secret", "-n", "porch-fn-system"],
+            vec![
+                "get",
+                "secrets/registry-auth-secret",
+                "-n",
+                "porch-fn-system",
+            ],
             "yes",
         ),
         (
-            vec!["patch", "secrets/auth-secret", "-n", "porch-fn-system"],
+            vec![
+                "patch",
+                "secrets/registry-auth-secret",
+                "-n",
+                "porch-fn-system",
+            ],
             "yes",
+        ),
+        (
+            vec!["get", "secrets/auth-secret", "-n", "porch-fn-system"],
+            "no",
         ),
         (vec!["create", "secrets", "-n", "porch-fn-system"], "yes"),
         (vec!["get", "secrets/other", "-n", "porch-fn-system"], "no"),
         (
-            vec!["get", "secrets/auth-secret", "-n", "porch-system"],
+            vec!["get", "secrets/registry-auth-secret", "-n", "porch-system"],
             "no",
         ),
         (vec!["create", "pods", "-n", "porch-fn-system"], "no"),
@@ -859,4 +873,67 @@ async fn kpt_live_apply_of_the_packages_applies_what_kubectl_apply_k_applies() {
         got.sort();
         assert_eq!(got, want, "{package}");
     }
+}
+
+/// deploy/settings.yaml names the mirrored pull secret once and kustomize
+/// copies it into the Deployment and the Role; `kpt live apply` applies the
+/// files as they are, so they must already say the same.
+#[test]
+fn the_deploy_files_say_what_settings_yaml_and_kustomize_say() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let settings: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/settings.yaml")).expect("settings"),
+    )
+    .expect("settings yaml");
+    let name = settings["data"]["registry-auth-secret-name"]
+        .as_str()
+        .expect("the name")
+        .to_string();
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize", &format!("{root}/deploy")])
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stdout).into_owned();
+    let files = ["deployment.yaml", "rbac.yaml"]
+        .iter()
+        .map(|f| std::fs::read_to_string(format!("{root}/deploy/{f}")).expect("file"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    for (what, text) in [("kustomize's output", &built), ("the files", &files)] {
+        let docs: Vec<Value> = text
+            .split("\n---\n")
+            .filter(|d| d.contains("kind:"))
+            .map(|d| serde_saphyr::from_str(d).expect("yaml"))
+            .collect();
+        let role = docs
+            .iter()
+            .find(|d| {
+                d["metadata"]["name"] == "fn-image-resolver-pull-secret" && d["kind"] == "Role"
+            })
+            .expect("the pull-secret Role");
+        assert_eq!(role["rules"][0]["resourceNames"], json!([name]), "{what}");
+        let deployment = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .expect("the Deployment");
+        let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env");
+        assert!(
+            env.iter().any(
+                |e| e["name"] == "FN_IMAGE_RESOLVER_REGISTRY_AUTH_SECRET_NAME"
+                    && e["value"] == name.as_str()
+            ),
+            "{what}: {env:?}"
+        );
+    }
+    assert!(
+        !built.contains("fn-image-resolver-settings"),
+        "settings.yaml is not applied"
+    );
 }

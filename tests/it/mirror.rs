@@ -20,8 +20,8 @@ const SERVICE_ACCOUNT: &str = "system:serviceaccount:porch-system:fn-image-resol
 const NS: &str = "porch-fn-system";
 
 async fn wait_for(api: &Api<Secret>, want: &[u8]) -> Duration {
-    let took = wait_for_secret_data(api, "auth-secret", want).await;
-    let s = api.get("auth-secret").await.expect("get");
+    let took = wait_for_secret_data(api, "registry-auth-secret", want).await;
+    let s = api.get("registry-auth-secret").await.expect("get");
     assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
     assert_eq!(
         s.metadata
@@ -98,7 +98,7 @@ fn start_mirror(
     let shutdown = tokio_util::sync::CancellationToken::new();
     let settings = MirrorSettings {
         source: path.to_path_buf(),
-        name: "auth-secret".into(),
+        name: "registry-auth-secret".into(),
         namespace: NS.into(),
         resync: Duration::from_secs(60),
     };
@@ -132,7 +132,7 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
 
     // Deleted -> recreated.
     secrets
-        .delete("auth-secret", &DeleteParams::default())
+        .delete("registry-auth-secret", &DeleteParams::default())
         .await
         .expect("delete");
     let recreated = wait_for(&secrets, &config("one")).await;
@@ -140,7 +140,11 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     // Edited -> restored.
     let edit = json!({"data": {SECRET_KEY: base64_of(b"{\"auths\":{}}")}});
     secrets
-        .patch("auth-secret", &PatchParams::default(), &Patch::Merge(&edit))
+        .patch(
+            "registry-auth-secret",
+            &PatchParams::default(),
+            &Patch::Merge(&edit),
+        )
         .await
         .expect("edit");
     wait_for(&secrets, &config("one")).await;
@@ -168,7 +172,7 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     let admin = plane.admin().await;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
     secrets
-        .delete("auth-secret", &DeleteParams::default())
+        .delete("registry-auth-secret", &DeleteParams::default())
         .await
         .expect("delete after restart");
     wait_for(&secrets, &config("three")).await;
@@ -177,14 +181,14 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     let (_status2, shutdown2) = start_mirror(sa.clone(), &path, metrics.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = secrets
-        .get("auth-secret")
+        .get("registry-auth-secret")
         .await
         .expect("get")
         .metadata
         .resource_version;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = secrets
-        .get("auth-secret")
+        .get("registry-auth-secret")
         .await
         .expect("get")
         .metadata
@@ -194,7 +198,7 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     wait_for(&secrets, &config("four")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let settled = secrets
-        .get("auth-secret")
+        .get("registry-auth-secret")
         .await
         .expect("get")
         .metadata
@@ -203,7 +207,7 @@ async fn the_mirror_creates_restores_follows_and_survives_the_api_server() {
     assert_eq!(
         settled,
         secrets
-            .get("auth-secret")
+            .get("registry-auth-secret")
             .await
             .expect("get")
             .metadata
@@ -328,7 +332,7 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
     for _ in 0..100 {
         let _ = secrets
             .patch(
-                "auth-secret",
+                "registry-auth-secret",
                 &PatchParams::default().dry_run(),
                 &Patch::Merge(&probe),
             )
@@ -347,7 +351,7 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
     conflicts.refusals.store(1, Ordering::SeqCst);
     let refused = secrets
         .patch(
-            "auth-secret",
+            "registry-auth-secret",
             &PatchParams::default().dry_run(),
             &Patch::Merge(&probe),
         )
@@ -370,7 +374,7 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
             let mut reads = 0;
             for _ in 0..200 {
                 let s = secrets
-                    .get("auth-secret")
+                    .get("registry-auth-secret")
                     .await
                     .expect("the target exists throughout");
                 let data = s
@@ -419,11 +423,11 @@ async fn the_mirror_rides_out_409_conflicts_and_never_leaves_the_target_invalid(
 /// harder on the mirror.
 async fn porch_writes(api: &Api<Secret>, source: &std::path::Path) {
     let bytes = std::fs::read(source).expect("read the mounted config");
-    match api.get_opt("auth-secret").await.expect("get") {
+    match api.get_opt("registry-auth-secret").await.expect("get") {
         None => {
             let secret = Secret {
                 metadata: kube::api::ObjectMeta {
-                    name: Some("auth-secret".into()),
+                    name: Some("registry-auth-secret".into()),
                     ..Default::default()
                 },
                 type_: Some(SECRET_TYPE.into()),
@@ -440,7 +444,7 @@ async fn porch_writes(api: &Api<Secret>, source: &std::path::Path) {
                 .insert(SECRET_KEY.to_string(), k8s_openapi::ByteString(bytes));
             // A conflict means the mirror wrote in between: Porch retries later.
             let _ = api
-                .replace("auth-secret", &Default::default(), &secret)
+                .replace("registry-auth-secret", &Default::default(), &secret)
                 .await;
         }
     }
@@ -459,7 +463,10 @@ async fn the_mirror_and_porchs_own_writer_of_the_secret_agree() {
 
     // Porch runs first and creates the Secret without our label.
     porch_writes(&secrets, &path).await;
-    let created = secrets.get("auth-secret").await.expect("created by Porch");
+    let created = secrets
+        .get("registry-auth-secret")
+        .await
+        .expect("created by Porch");
 
     // A mirror whose own source is unusable never writes: what it reports
     // to the webhook (the Secret exists) comes from its watch.
@@ -493,7 +500,10 @@ async fn the_mirror_and_porchs_own_writer_of_the_secret_agree() {
     let mut versions = vec![created.metadata.resource_version.clone()];
     let mut reads = 0;
     while !porch.is_finished() {
-        let s = secrets.get("auth-secret").await.expect("never missing");
+        let s = secrets
+            .get("registry-auth-secret")
+            .await
+            .expect("never missing");
         let data = s
             .data
             .as_ref()

@@ -547,3 +547,103 @@ async fn two_config_keys_for_one_registry_pick_the_exact_one_in_either_order() {
         assert_eq!(got.digest, env.samples.entrypoint.digest);
     }
 }
+
+/// `serve` starts without the Docker config and the registry CA that its
+/// optional Secret volumes would hold (a Porch without private
+/// registries): degraded, with the reason, until they appear; then it takes
+/// both up without a restart.
+#[tokio::test]
+async fn a_docker_config_and_ca_that_appear_later_are_taken_up() {
+    use fn_image_resolver::cache::{CacheSettings, CachedResolver};
+    use fn_image_resolver::health::{Check, Readiness};
+    use fn_image_resolver::registry::PRIVATE_REGISTRIES_CHECK;
+    use std::sync::Arc;
+
+    let env = basic_env().await;
+    let host = env.registry.host.clone();
+    let image = format!("{host}/fns/set-namespace:v0.4");
+    // The mounts as the kubelet makes them for optional Secrets that do
+    // not exist: empty directories.
+    let auth_mount = tempfile::tempdir().expect("tempdir");
+    let ca_mount = tempfile::tempdir().expect("tempdir");
+    let mut settings = env.settings(&auth_mount.path().join(".dockerconfigjson"));
+    settings.tls_ca_dir = Some(ca_mount.path().to_path_buf());
+    settings.wait_for_files = true;
+    let resolver = Resolver::new(&settings).expect("no files is no error here");
+    let cache = CachedResolver::new(
+        Arc::new(resolver),
+        CacheSettings::default(),
+        fn_image_resolver::metrics::Metrics::new(),
+    );
+    let readiness = Arc::new(Readiness::default());
+    cache.resolver().report_readiness(&readiness);
+    let Some(Check::Degraded(reason)) = readiness.get(PRIVATE_REGISTRIES_CHECK) else {
+        panic!("{:?}", readiness.get(PRIVATE_REGISTRIES_CHECK));
+    };
+    assert!(
+        reason.contains("private registries are off until the file appears")
+            && reason.contains(&auth_mount.path().display().to_string())
+            && reason.contains("verified with the system roots until it appears"),
+        "{reason}"
+    );
+    assert!(readiness.snapshot().0, "degraded is ready");
+    let err = cache
+        .resolve(&image, None)
+        .await
+        .expect_err("no CA, no credentials");
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(
+        cache
+            .clone()
+            .follow_credentials(readiness.clone(), shutdown.clone()),
+    );
+    tokio::spawn(
+        cache
+            .clone()
+            .follow_registry_ca(readiness.clone(), shutdown.clone()),
+    );
+    let auth = json!({"auths": {host.clone(): {"auth": basic_auth("fn-user", PASSWORD)}}});
+    crate::common::k8s::kubelet_swap(auth_mount.path(), auth.to_string().as_bytes(), 1);
+    let ca_pem = std::fs::read(env.ca.path().join("ca.crt")).expect("ca");
+    crate::common::k8s::kubelet_swap_files(ca_mount.path(), &[("ca.crt", &ca_pem)], 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while readiness.get(PRIVATE_REGISTRIES_CHECK) != Some(Check::Ready) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never took the files up: {:?}",
+            readiness.get(PRIVATE_REGISTRIES_CHECK)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (got, _) = cache.resolve(&image, None).await.expect("resolves now");
+    assert_eq!(got.digest, env.samples.entrypoint.digest);
+    assert_eq!(got.pull_secret.as_deref(), Some("auth-secret"));
+    shutdown.cancel();
+}
+
+/// `resolve` is told a file: one that is not there is an error (exit 2)
+/// naming it, its cause said once.
+#[test]
+fn resolve_with_a_docker_config_that_is_not_there_says_so_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("missing/.dockerconfigjson");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"))
+        .args([
+            "resolve",
+            "--enable-private-registries=true",
+            "r.io/fns/x:v1",
+        ])
+        .arg(format!("--registry-auth-secret-path={}", path.display()))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}

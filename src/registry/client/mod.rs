@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use reqwest::{Method, header};
 use rustls::RootCertStore;
 
@@ -134,13 +135,71 @@ fn rate_limit_header(headers: &reqwest::header::HeaderMap, name: &str) -> Option
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The clients that trust the mounted CA, replaced together when it
+/// changes (it may appear, or be rotated, while the process runs).
+#[derive(Debug)]
+struct CaClients {
+    mounted_ca: Option<reqwest::Client>,
+    /// Trusts mounted CA and system roots: token servers may sit on either.
+    token: reqwest::Client,
+}
+
+fn build_http(
+    roots: RootCertStore,
+    redirects: reqwest::redirect::Policy,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(super::tls::client_config(roots).as_ref().clone())
+        .user_agent(USER_AGENT)
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .redirect(redirects)
+        .build()
+}
+
+fn ca_clients(
+    mounted_ca: Option<&RootCertStore>,
+    system_roots: &RootCertStore,
+    insecure: &HashSet<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<CaClients, reqwest::Error> {
+    let mut combined = system_roots.clone();
+    if let Some(ca) = mounted_ca {
+        combined.roots.extend(ca.roots.iter().cloned());
+    }
+    Ok(CaClients {
+        mounted_ca: mounted_ca
+            .map(|ca| {
+                build_http(
+                    ca.clone(),
+                    redirect_policy(insecure.clone()),
+                    connect_timeout,
+                    request_timeout,
+                )
+            })
+            .transpose()?,
+        // A token request carries the credential itself (Basic, or the
+        // refresh token in its body): it follows no redirect at all.
+        token: build_http(
+            combined,
+            reqwest::redirect::Policy::none(),
+            connect_timeout,
+            request_timeout,
+        )?,
+    })
+}
+
 /// The client. Cheap to share behind an `Arc`; connections are pooled per rung.
 #[derive(Debug)]
 pub struct RegistryClient {
-    mounted_ca: Option<reqwest::Client>,
+    ca: ArcSwap<CaClients>,
     system: reqwest::Client,
-    /// Trusts mounted CA and system roots: token servers may sit on either.
-    token: reqwest::Client,
+    system_roots: RootCertStore,
+    connect_timeout: Duration,
     insecure: HashSet<String>,
     /// The rung that last worked per host, so the ladder is climbed once.
     /// Bounded like every per-host map: a host named once is not kept forever.
@@ -159,34 +218,28 @@ impl RegistryClient {
             .iter()
             .map(|h| normalize_host(h))
             .collect();
-        let build = |roots: RootCertStore, redirects: reqwest::redirect::Policy| {
-            reqwest::Client::builder()
-                .use_preconfigured_tls(super::tls::client_config(roots).as_ref().clone())
-                .user_agent(USER_AGENT)
-                .connect_timeout(options.connect_timeout)
-                .timeout(options.request_timeout)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .redirect(redirects)
-                .build()
-        };
         let system_roots = options
             .system_roots
             .clone()
             .unwrap_or_else(RootCertStore::empty);
-        let mut combined = system_roots.clone();
-        if let Some(ca) = &options.mounted_ca {
-            combined.roots.extend(ca.roots.iter().cloned());
-        }
+        let system = build_http(
+            system_roots.clone(),
+            redirect_policy(insecure.clone()),
+            options.connect_timeout,
+            options.request_timeout,
+        )?;
+        let ca = ca_clients(
+            options.mounted_ca.as_ref(),
+            &system_roots,
+            &insecure,
+            options.connect_timeout,
+            options.request_timeout,
+        )?;
         Ok(Self {
-            mounted_ca: options
-                .mounted_ca
-                .clone()
-                .map(|ca| build(ca, redirect_policy(insecure.clone())))
-                .transpose()?,
-            system: build(system_roots, redirect_policy(insecure.clone()))?,
-            // A token request carries the credential itself (Basic, or the
-            // refresh token in its body): it follows no redirect at all.
-            token: build(combined, reqwest::redirect::Policy::none())?,
+            ca: ArcSwap::from_pointee(ca),
+            system,
+            system_roots,
+            connect_timeout: options.connect_timeout,
             insecure,
             rungs: quick_cache::sync::Cache::new(MAX_HOSTS),
             auth: AuthCache::default(),
@@ -200,6 +253,24 @@ impl RegistryClient {
     pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Trusts `ca` from now on for the mounted-CA rung and token servers
+    /// (`None`: no mounted CA; the ladder starts at the system roots).
+    /// Requests in flight finish on the clients they started with.
+    pub fn set_mounted_ca(&self, ca: Option<&RootCertStore>) -> Result<(), reqwest::Error> {
+        let clients = ca_clients(
+            ca,
+            &self.system_roots,
+            &self.insecure,
+            self.connect_timeout,
+            self.request_timeout,
+        )?;
+        self.ca.store(Arc::new(clients));
+        // A host's remembered rung may not exist any more (or a better one
+        // may): climb the ladder again.
+        self.rungs.clear();
+        Ok(())
     }
 
     /// Is `registry` allowed over plain HTTP (`--insecure-registry`)?

@@ -68,6 +68,7 @@ impl RegistryClient {
                 });
             }
         }
+        let token_client = self.ca.load().token.clone();
         let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
         if let Some(service) = service {
             query.push(("service", service));
@@ -80,16 +81,16 @@ impl RegistryClient {
                     ("client_id", "fn-image-resolver"),
                 ];
                 form.extend(query.iter().copied());
-                self.token.post(realm_url.clone()).form(&form)
+                token_client.post(realm_url.clone()).form(&form)
             }
             Some(cred @ Credential::Basic { .. }) => {
-                let mut req = self.token.get(realm_url.clone()).query(&query);
+                let mut req = token_client.get(realm_url.clone()).query(&query);
                 if let Some(basic) = cred.basic_header() {
                     req = req.header(header::AUTHORIZATION, basic);
                 }
                 req
             }
-            None => self.token.get(realm_url.clone()).query(&query),
+            None => token_client.get(realm_url.clone()).query(&query),
         };
         let started = Instant::now();
         let result = request.send().await;

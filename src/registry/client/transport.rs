@@ -44,7 +44,7 @@ pub(super) enum Attempt {
 impl RegistryClient {
     fn ladder(&self, target: &Target<'_>) -> Vec<Rung> {
         let mut ladder = Vec::with_capacity(3);
-        if self.mounted_ca.is_some() {
+        if self.ca.load().mounted_ca.is_some() {
             ladder.push(Rung::MountedCa);
         }
         ladder.push(Rung::SystemRoots);
@@ -137,12 +137,12 @@ impl RegistryClient {
         kind: RequestKind,
     ) -> Result<reqwest::Response, Attempt> {
         let (client, scheme) = match rung {
-            Rung::MountedCa => match &self.mounted_ca {
-                Some(c) => (c, "https"),
-                None => (&self.system, "https"),
+            Rung::MountedCa => match &self.ca.load().mounted_ca {
+                Some(c) => (c.clone(), "https"),
+                None => (self.system.clone(), "https"),
             },
-            Rung::SystemRoots => (&self.system, "https"),
-            Rung::PlainHttp => (&self.system, "http"),
+            Rung::SystemRoots => (self.system.clone(), "https"),
+            Rung::PlainHttp => (self.system.clone(), "http"),
         };
         let url = format!("{scheme}://{}{path}", target.host);
         let scope = format!("repository:{}:pull", target.repository);
