@@ -3,6 +3,7 @@
 //! server, a counting and fault-injecting proxy, and an OCI image builder.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod k8s;
 pub mod oci;
 pub mod proxy;

@@ -64,14 +64,19 @@ pub fn image(
         container.insert("Cmd".into(), json!(c));
     }
     container.insert("Env".into(), json!(["PATH=/usr/local/bin:/usr/bin:/bin"]));
-    // A layer that is a real (empty) gzip stream, unique per image name.
-    let layer = Blob::new(format!("layer of {name} for {platform}").into_bytes());
+    // A real gzipped tar, so that containerd can unpack the image too,
+    // holding one file that makes it unique per image name and platform.
+    let (layer, diff_id) = layer_of(&[File::new(
+        &format!("fnir-test/{}", name.replace('/', "_")),
+        format!("layer of {name} for {platform}").as_bytes(),
+        0o644,
+    )]);
     let config = Blob::new(
         serde_json::to_vec(&json!({
             "architecture": arch,
             "os": os,
             "config": Value::Object(container),
-            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
             "history": [{"created_by": format!("fn-image-resolver tests: {name}")}],
         }))
         .expect("config json"),
@@ -99,6 +104,82 @@ pub fn image_with_config_text(name: &str, config: &str, docker: bool) -> Image {
     );
     let config = Blob::new(config.as_bytes().to_vec());
     manifest_of(config, layer, docker, platform)
+}
+
+/// A file in a layer.
+#[derive(Debug, Clone)]
+pub struct File {
+    pub path: String,
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+}
+
+impl File {
+    pub fn new(path: &str, bytes: &[u8], mode: u32) -> Self {
+        Self {
+            path: path.trim_start_matches('/').to_string(),
+            bytes: bytes.to_vec(),
+            mode,
+        }
+    }
+}
+
+/// A gzipped tar layer of `files` (their parent directories included),
+/// reproducible (owner root, time 0), and its diff ID (the digest of the
+/// tar itself, which containerd checks against the config's `rootfs`).
+pub fn layer_of(files: &[File]) -> (Blob, String) {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for file in files {
+        let mut parent = std::path::Path::new(&file.path).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_path_buf());
+            parent = dir.parent();
+        }
+    }
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
+    for dir in &dirs {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        builder
+            .append_data(&mut h, dir, std::io::empty())
+            .expect("tar dir");
+    }
+    for file in files {
+        let mut h = header(tar::EntryType::Regular, file.mode, file.bytes.len() as u64);
+        builder
+            .append_data(&mut h, &file.path, file.bytes.as_slice())
+            .expect("tar file");
+    }
+    let tar = builder.into_inner().expect("tar");
+    let diff_id = sha256(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).expect("gzip");
+    (Blob::new(gz.finish().expect("gzip")), diff_id)
+}
+
+/// A linux/amd64 OCI image that a node can run: one layer of `files`, and
+/// `config` (Entrypoint, Cmd, Env, User, …) as the image's `config`.
+pub fn runnable_image(files: &[File], config: Value) -> Image {
+    let (layer, diff_id) = layer_of(files);
+    let config = Blob::new(
+        serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .expect("config json"),
+    );
+    manifest_of(config, layer, false, ("linux".into(), "amd64".into()))
 }
 
 /// The image manifest of one config and one layer.

@@ -48,12 +48,24 @@ impl Registry {
     /// Starts on `port`, optionally reusing a storage directory (to restart a
     /// registry with its content).
     pub fn start_on(port: u16, tls: Option<&Issued>, auth: Auth, storage: Option<&Path>) -> Self {
+        Self::start_at("127.0.0.1", port, tls, auth, storage)
+    }
+
+    /// Starts on `ip:port`: on the test cluster's node address, the node
+    /// and its pods reach it too.
+    pub fn start_at(
+        ip: &str,
+        port: u16,
+        tls: Option<&Issued>,
+        auth: Auth,
+        storage: Option<&Path>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = storage
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("storage"));
         let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: fn-image-resolver-tests\n",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {ip}:{port}\n  secret: fn-image-resolver-tests\n",
             storage.display()
         );
         if let Some(issued) = tls {
@@ -96,7 +108,7 @@ impl Registry {
         let mut registry = Self {
             child: None,
             port,
-            host: format!("127.0.0.1:{port}"),
+            host: format!("{ip}:{port}"),
             tls: tls.is_some(),
             dir,
             config,
@@ -116,7 +128,7 @@ impl Registry {
             .spawn()
             .expect("start docker-registry (apt-get install docker-registry)");
         self.child = Some(child);
-        wait_for_port(self.port, self.child.as_mut());
+        wait_for_port(&self.host, self.child.as_mut());
     }
 
     pub fn url(&self) -> String {
@@ -151,10 +163,10 @@ impl Drop for Registry {
     }
 }
 
-fn wait_for_port(port: u16, mut child: Option<&mut Child>) {
+fn wait_for_port(host: &str, mut child: Option<&mut Child>) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect(host).is_ok() {
             return;
         }
         if let Some(c) = child.as_mut()
@@ -164,7 +176,7 @@ fn wait_for_port(port: u16, mut child: Option<&mut Child>) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("docker-registry did not listen on {port} within 20s");
+    panic!("docker-registry did not listen on {host} within 20s");
 }
 
 /// A CA and a serving certificate for 127.0.0.1 / localhost.

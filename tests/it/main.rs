@@ -15,6 +15,7 @@ mod layers;
 mod managed_tls;
 mod mirror;
 mod monitoring;
+mod node;
 mod quickstart;
 pub mod resolve_auth;
 mod resolve_plain;
@@ -53,6 +54,7 @@ pub fn settings() -> ResolverSettings {
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
         max_concurrent_fetches: 32,
+        wait_for_files: false,
     }
 }
 
