@@ -42,7 +42,7 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 /// Lifetime of a CA made here.
-const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of a serving certificate, unless said otherwise.
 const LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The common name of the CA that `certs` and `--managed-tls-secret` make.
@@ -70,8 +70,17 @@ impl CertificateAuthority {
         Self::generate(WEBHOOK_CA_NAME)
     }
 
+    /// The same, valid for `lifetime` (the managed Secret's CAs).
+    pub fn for_webhook_lasting(lifetime: Duration) -> Result<Self, CertError> {
+        Self::generate_lasting(WEBHOOK_CA_NAME, lifetime)
+    }
+
     /// A new self-signed CA, valid for 10 years.
     pub fn generate(common_name: &str) -> Result<Self, CertError> {
+        Self::generate_lasting(common_name, CA_LIFETIME)
+    }
+
+    fn generate_lasting(common_name: &str, lifetime: Duration) -> Result<Self, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -83,7 +92,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        validity(&mut params, CA_LIFETIME);
+        validity(&mut params, lifetime);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         Ok(Self {

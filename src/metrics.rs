@@ -124,6 +124,7 @@ pub struct Metrics {
     secret_propagation: Histogram,
     /// Unix time at which the webhook's serving certificate expires.
     pub cert_expiry: Gauge,
+    serving_certificate_writes: Family<ReasonLabel, Counter>,
     /// HTTP requests being answered right now, both listeners.
     in_flight: Gauge,
     ratelimit_limit: Family<HostLabel, Gauge>,
@@ -266,6 +267,12 @@ impl Metrics {
             "Unix time at which the webhook's serving certificate expires",
             cert_expiry.clone(),
         );
+        let serving_certificate_writes = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "serving_certificate_writes",
+            "Writes of the managed serving-certificate Secret by reason (created, issued, renewed, ca-new, ca-rollover, ca-rollover-done, ca-retired)",
+            serving_certificate_writes.clone(),
+        );
         let ratelimit_limit = Family::<HostLabel, Gauge>::default();
         registry.register(
             "registry_ratelimit_limit",
@@ -310,6 +317,7 @@ impl Metrics {
             secret_last_success,
             secret_propagation,
             cert_expiry,
+            serving_certificate_writes,
             in_flight,
             ratelimit_limit,
             ratelimit_remaining,
@@ -344,6 +352,13 @@ impl Metrics {
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })
+            .inc();
+    }
+
+    /// The managed serving-certificate Secret was written, for `reason`.
+    pub fn serving_certificate_write(&self, reason: &'static str) {
+        self.serving_certificate_writes
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 

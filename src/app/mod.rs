@@ -177,7 +177,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             Some(cert)
         }
         Some(ServingCertificate::Managed(settings)) => {
-            let (cert, ca) = managed_certificate(settings, &mut background, &stop).await?;
+            let (cert, ca) =
+                managed_certificate(settings, &metrics, &readiness, &mut background, &stop).await?;
             ca_bundle = Some(ca);
             Some(cert)
         }
@@ -290,6 +291,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
 /// then followed in the background. Also gives the CA to register.
 async fn managed_certificate(
     settings: &ManagedTlsSettings,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
     background: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> anyhow::Result<(
@@ -302,24 +305,41 @@ async fn managed_certificate(
     let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
         kube::Api::namespaced(client, &settings.namespace);
     let mut backoff =
-        crate::reload::Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+        crate::reload::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let started = tokio::time::Instant::now();
-    let bundle = loop {
-        match crate::managed_tls::ensure(&api, settings).await {
-            Ok(bundle) => break bundle,
+    let mut owner = crate::managed_tls::Owner::default();
+    let ensured = loop {
+        match crate::managed_tls::ensure(&api, settings, &mut owner).await {
+            Ok(ensured) => break ensured,
             Err(e) if started.elapsed() < Duration::from_secs(30) => {
                 warn!(error = %e, "no serving certificate yet; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
+                readiness.set(crate::managed_tls::READINESS_CHECK, Err(e.to_string()));
+                tokio::time::sleep(backoff.next_delay().min(Duration::from_secs(5))).await;
             }
             Err(e) => return Err(e.into()),
         }
     };
+    if let Some(reason) = ensured.wrote {
+        metrics.serving_certificate_write(reason);
+    }
+    readiness.set(crate::managed_tls::READINESS_CHECK, Ok(()));
+    let bundle = ensured.bundle;
     let source = format!("{}/{}", settings.namespace, settings.secret);
     let cert = ReloadingCert::from_pem(&source, &bundle.cert_pem, &bundle.key_pem)?;
-    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem);
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem.clone());
+    owner.served = Some(bundle);
     background.spawn(
-        crate::managed_tls::follow(api, settings.clone(), cert.clone(), ca_tx, stop.clone())
-            .in_current_span(),
+        crate::managed_tls::follow(
+            api,
+            settings.clone(),
+            owner,
+            cert.clone(),
+            ca_tx,
+            metrics.clone(),
+            readiness.clone(),
+            stop.clone(),
+        )
+        .in_current_span(),
     );
     Ok((cert, ca_rx))
 }
@@ -327,9 +347,20 @@ async fn managed_certificate(
 /// `serve`: starts, runs until SIGTERM or SIGINT (or a listener fails), then
 /// shuts down without refusing a request (see [`Running::shut_down`]).
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let mut running = start(config).await?;
+    // Listening for the signal before start-up work (waiting for the
+    // managed certificate can take a while): a rollout that stops a replica
+    // still starting gets a clean exit, not the default action's 143.
+    let stop_signal = signal();
+    tokio::pin!(stop_signal);
+    let mut running = tokio::select! {
+        started = start(config) => started?,
+        () = &mut stop_signal => {
+            info!("shutdown signal received while starting; exiting");
+            return Ok(());
+        }
+    };
     tokio::select! {
-        () = signal() => {}
+        () = &mut stop_signal => {}
         failed = running.listeners.join_next() => {
             running.stop.cancel();
             let error = match failed {

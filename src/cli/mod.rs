@@ -152,6 +152,10 @@ impl ServeArgs {
                     namespace: self.registration.webhook_service_namespace.clone(),
                     names: self.registration.serving_names(),
                     validity: self.webhook.managed_tls_validity,
+                    ca_validity: crate::certs::CA_LIFETIME,
+                    registered_webhook: self
+                        .register_webhook
+                        .then(|| self.registration.webhook_name.clone()),
                 },
             )),
             (None, None, None) => None,
@@ -284,6 +288,10 @@ pub fn run() -> ExitCode {
             Command::Check { url } => check(&url).await,
         }
     });
+    // Blocking work still running (a DNS lookup that hangs, say) must not
+    // keep the process past the kubelet's grace period: give it a moment,
+    // then exit regardless.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => code,
         Err(e) => {

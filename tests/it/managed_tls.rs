@@ -372,7 +372,10 @@ async fn a_secret_made_by_someone_else_is_used_and_never_written_and_unregister_
             namespace: "porch-system".into(),
             names: vec!["127.0.0.1".into()],
             validity: Duration::from_secs(3600),
+            ca_validity: fn_image_resolver::certs::CA_LIFETIME,
+            registered_webhook: None,
         },
+        &mut Default::default(),
     )
     .await
     .expect("made by us");
@@ -383,4 +386,362 @@ async fn a_secret_made_by_someone_else_is_used_and_never_written_and_unregister_
         secrets.get_opt(SECRET).await.expect("get").is_none(),
         "ours is deleted"
     );
+}
+
+/// A JSON patch of the Secret as an admin (another tool, a person).
+async fn patch_secret(secrets: &Api<Secret>, patch: serde_json::Value) {
+    let patch: json_patch::Patch = serde_json::from_value(patch).expect("json patch");
+    secrets
+        .patch(
+            SECRET,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::<()>::Json(patch),
+        )
+        .await
+        .expect("patch the Secret");
+}
+
+/// The Secret's resourceVersions over `window`, sampled every 100 ms.
+async fn versions_during(secrets: &Api<Secret>, window: Duration) -> Vec<Option<String>> {
+    let mut versions = Vec::new();
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        let now = secrets
+            .get_opt(SECRET)
+            .await
+            .expect("get")
+            .and_then(|s| s.metadata.resource_version);
+        if versions.last() != Some(&now) {
+            versions.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    versions
+}
+
+/// cert-manager's kind of Secret, from a fresh loopback CA: no label of ours.
+fn foreign_secret() -> (Secret, tempfile::TempDir) {
+    let certs = crate::common::loopback_certs();
+    let read =
+        |f: &str| k8s_openapi::ByteString(std::fs::read(certs.path().join(f)).expect("read"));
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(SECRET.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt".to_string(), read("tls.crt")),
+                ("tls.key".to_string(), read("tls.key")),
+                ("ca.crt".to_string(), read("ca.crt")),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    (secret, certs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_secret_that_is_deleted_is_waited_for_never_made_by_us() {
+    let (plane, admin) = porch_with_deploy().await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "porch-system");
+    let (theirs, certs) = foreign_secret();
+    secrets
+        .create(&PostParams::default(), &theirs)
+        .await
+        .expect("create");
+    let ca = std::fs::read(certs.path().join("ca.crt")).expect("ca");
+    let leaf = der(&std::fs::read(certs.path().join("tls.crt")).expect("leaf"));
+    let port = crate::common::free_port();
+    let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
+    let (mut command, resolver) = managed_serve(port, port, &kubeconfig);
+    let _serve = command.spawn().expect("start serve");
+    crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver}/readyz")).await;
+    assert_eq!(served_leaf(port, &ca).expect("served"), leaf);
+
+    // cert-manager (or GitOps) deletes it: the replica does not step in.
+    secrets
+        .delete(SECRET, &Default::default())
+        .await
+        .expect("delete");
+    let versions = versions_during(&secrets, Duration::from_secs(4)).await;
+    assert_eq!(versions, vec![None], "no Secret of ours in the gap");
+    assert_eq!(
+        served_leaf(port, &ca).expect("still served"),
+        leaf,
+        "the served certificate does not flip"
+    );
+    let ready = crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver}/readyz")).await;
+    let check = &ready["checks"]["serving-certificate"];
+    assert_eq!(check["state"], "degraded", "{ready}");
+    assert!(
+        check["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("waiting for its owner"),
+        "{ready}"
+    );
+
+    // Its owner makes it again: served, never written by us.
+    let (again, certs) = foreign_secret();
+    let made = secrets
+        .create(&PostParams::default(), &again)
+        .await
+        .expect("recreate");
+    let ca = std::fs::read(certs.path().join("ca.crt")).expect("ca");
+    let leaf = der(&std::fs::read(certs.path().join("tls.crt")).expect("leaf"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_leaf(port, &ca).ok().as_ref() != Some(&leaf) {
+        assert!(
+            Instant::now() < deadline,
+            "the owner's new certificate is served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let versions = versions_during(&secrets, Duration::from_secs(3)).await;
+    assert_eq!(
+        versions,
+        vec![made.metadata.resource_version],
+        "no write of ours"
+    );
+    let ready = crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver}/readyz")).await;
+    assert_eq!(
+        ready["checks"]["serving-certificate"]["state"], "ready",
+        "{ready}"
+    );
+}
+
+/// The Prometheus count of writes of the managed Secret, all reasons.
+async fn certificate_writes(resolver: u16) -> u64 {
+    let text = crate::metrics_text(&format!("http://127.0.0.1:{resolver}")).await;
+    text.lines()
+        .filter(|l| l.starts_with("fn_image_resolver_serving_certificate_writes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_have_a_brake_and_two_versions_share_one_certificate() {
+    let (plane, admin) = porch_with_deploy().await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "porch-system");
+    let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
+    // A URL whose host the url crate prints as [::ffff:7f00:1] and the
+    // certificate reads back as ::ffff:127.0.0.1.
+    let (port_a, port_b) = (crate::common::free_port(), crate::common::free_port());
+    let replica = |port: u16, url_host: &str| {
+        let resolver = crate::common::free_port();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fn-image-resolver"));
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--resolver-listen", &format!("127.0.0.1:{resolver}")])
+            .arg(format!("--managed-tls-secret={SECRET}"))
+            .arg("--managed-tls-validity=60s")
+            .args([
+                "--webhook-url",
+                &format!("https://{url_host}:{port}/mutate"),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        (command.spawn().expect("start serve"), resolver)
+    };
+    let (_a, resolver_a) = replica(port_a, "[::ffff:127.0.0.1]");
+    crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver_a}/readyz")).await;
+    let versions = versions_during(&secrets, Duration::from_secs(6)).await;
+    assert_eq!(
+        versions.len(),
+        1,
+        "created once, then left alone: {versions:?}"
+    );
+    assert_eq!(certificate_writes(resolver_a).await, 1);
+
+    // Another version of the replica wants another name: it renews once
+    // with both names, and neither renews again.
+    let (_b, resolver_b) = replica(port_b, "127.0.0.2");
+    crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver_b}/readyz")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let versions = versions_during(&secrets, Duration::from_secs(8)).await;
+    assert_eq!(versions.len(), 1, "no flapping: {versions:?}");
+    assert_eq!(
+        certificate_writes(resolver_a).await + certificate_writes(resolver_b).await,
+        2,
+        "one create, one renewal with both names"
+    );
+    let secret = secrets.get(SECRET).await.expect("secret");
+    let leaf = key(&secret, "tls.crt");
+    for name in ["::ffff:127.0.0.1", "127.0.0.2"] {
+        assert!(
+            fn_image_resolver::managed_tls::renewal_due(&leaf, &[name.to_string()]).is_some(),
+            "the certificate names {name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ca_key_rolls_over_to_a_new_ca_without_a_failed_review() {
+    let (plane, admin) = porch_with_deploy().await;
+    let env = crate::PlainEnv::start().await;
+    let host = env.proxy.host.clone();
+    let kubeconfig = plane.kubeconfig_as(SERVICE_ACCOUNT, &["system:serviceaccounts"]);
+    let (port_a, port_b) = (crate::common::free_port(), crate::common::free_port());
+    let replica = |port: u16| {
+        let (mut command, resolver) = managed_serve(port, port_a, &kubeconfig);
+        let child = command
+            .args(["--failure-policy", "fail"])
+            .args(["--insecure-registry", &host])
+            .spawn()
+            .expect("start serve");
+        (child, resolver)
+    };
+    let (a, resolver_a) = replica(port_a);
+    let (b, resolver_b) = replica(port_b);
+    let _replicas = (a, b);
+    for resolver in [resolver_a, resolver_b] {
+        crate::e2e::wait_ready(&format!("http://127.0.0.1:{resolver}/readyz")).await;
+    }
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "porch-system");
+    let first = secrets.get(SECRET).await.expect("made");
+    let old_ca = key(&first, "ca.crt");
+
+    // Reviews through the API server all along (failurePolicy Fail).
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "porch-fn-system");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (pods, failures, stop, host) =
+            (pods.clone(), failures.clone(), stop.clone(), host.clone());
+        tokio::spawn(async move {
+            let mut created = 0;
+            while !stop.is_cancelled() {
+                if let Err(e) = pods
+                    .create(&PostParams::default(), &function_pod(&host))
+                    .await
+                {
+                    eprintln!("review failed: {e}");
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                created += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            created
+        })
+    };
+
+    // Another tool's metadata, and the CA's key lost.
+    patch_secret(
+        &secrets,
+        serde_json::json!([
+            {"op": "add", "path": "/metadata/labels/other.tool~1owner", "value": "x"},
+            {"op": "add", "path": "/metadata/annotations", "value": {"other.tool/note": "y"}},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/keep"]},
+            {"op": "remove", "path": "/data/ca.key"},
+        ]),
+    )
+    .await;
+
+    // First the new CA beside the old one, the old CA's leaf still served;
+    // then the new CA's leaf, served by both replicas; later the old CA goes.
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let started = Instant::now();
+    let mut saw_both_with_old_leaf = false;
+    let new_ca = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "no rollover");
+        let now = secrets.get(SECRET).await.expect("secret");
+        let cas = key(&now, "ca.crt");
+        let n = rustls_pki_types::CertificateDer::pem_slice_iter(&cas).count();
+        if n == 2 && key(&now, "tls.crt") == key(&first, "tls.crt") {
+            saw_both_with_old_leaf = true;
+        }
+        if key(&now, "tls.crt") != key(&first, "tls.crt") {
+            assert!(
+                saw_both_with_old_leaf,
+                "the new CA was trusted before its leaf"
+            );
+            let registered = webhooks.get("fn-image-resolver").await.expect("registered");
+            let bundle = registered.webhooks.as_ref().expect("webhooks")[0]
+                .client_config
+                .ca_bundle
+                .clone()
+                .expect("caBundle")
+                .0;
+            assert_eq!(
+                bundle, cas,
+                "both CAs registered while the new leaf is served"
+            );
+            break cas;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let leaf = der(&key(&secrets.get(SECRET).await.expect("secret"), "tls.crt"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for port in [port_a, port_b] {
+        while served_leaf(port, &new_ca).ok().as_ref() != Some(&leaf) {
+            assert!(Instant::now() < deadline, "{port} serves the new CA's leaf");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The old CA's last leaf was valid for 30 s: after that, one CA again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let settled = loop {
+        let now = secrets.get(SECRET).await.expect("secret");
+        let cas = key(&now, "ca.crt");
+        if rustls_pki_types::CertificateDer::pem_slice_iter(&cas).count() == 1 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the old CA was never retired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_ne!(key(&settled, "ca.crt"), old_ca);
+    let meta = &settled.metadata;
+    assert_eq!(
+        meta.labels.as_ref().expect("labels")["other.tool/owner"],
+        "x"
+    );
+    assert_eq!(
+        meta.annotations.as_ref().expect("annotations")["other.tool/note"],
+        "y"
+    );
+    assert_eq!(meta.finalizers, Some(vec!["example.com/keep".to_string()]));
+    stop.cancel();
+    let created = load.await.expect("load");
+    assert!(
+        created > 20,
+        "reviews went on through the rollover: {created}"
+    );
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no review failed");
+    patch_secret(
+        &secrets,
+        serde_json::json!([{"op": "remove", "path": "/metadata/finalizers"}]),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_for_the_managed_certificate_exits_cleanly() {
+    // An API server that is not there: start-up waits for the certificate.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = crate::common::free_port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: 'https://127.0.0.1:{port}', insecure-skip-tls-verify: true}}\nusers:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n"),
+    )
+    .expect("kubeconfig");
+    let (mut command, _) = managed_serve(crate::common::free_port(), port, &kubeconfig);
+    let mut child = command.spawn().expect("start serve");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = child.id().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits at once")
+        .expect("status");
+    assert_eq!(status.code(), Some(0), "{status}");
 }
