@@ -103,6 +103,7 @@ async fn main() {
             failure_mode: fn_image_resolver::admission::FailureMode::Open,
             pin_function_image: true,
             default_timeout: Duration::from_secs(10),
+            max_images: 32,
         },
     );
     let first = admitter.review(&body, None).await.expect("review");

@@ -2,6 +2,7 @@
 
 pub mod mutate;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,12 @@ pub struct AdmissionSettings {
     pub pin_function_image: bool,
     /// Budget when the request carries no `?timeout=`.
     pub default_timeout: Duration,
+    /// Most distinct images one review resolves (`--max-images-per-review`).
+    pub max_images: usize,
 }
+
+/// Most warnings one answer carries; past them, one that counts the rest.
+const MAX_WARNINGS: usize = 16;
 
 /// The request half of an AdmissionReview, as far as we read it. The object
 /// stays raw JSON until it is known to be a Pod in scope, then parses once
@@ -383,17 +389,25 @@ impl Admitter {
         }
     }
 
-    /// Resolves what the pod needs resolved, within `budget`. Cache hits
-    /// are answered here; misses run as tasks, and one that misses the
-    /// deadline still finishes and fills the cache for the API server's retry.
-    async fn resolve_all<'p>(&self, pod: &'p Pod, budget: Duration) -> Vec<(&'p str, Outcome)> {
+    /// Resolves what the pod needs resolved, within `budget`: at most
+    /// `max_images` distinct images (the function's first); the count of the
+    /// others comes back too. Cache hits are answered here; misses run as
+    /// tasks, and one that misses the deadline still finishes and fills the
+    /// cache for the API server's retry.
+    async fn resolve_all<'p>(
+        &self,
+        pod: &'p Pod,
+        budget: Duration,
+    ) -> (HashMap<&'p str, Outcome>, Vec<&'p str>) {
         let deadline = tokio::time::Instant::now() + budget;
-        let mut outcomes = Vec::new();
+        let mut outcomes = HashMap::new();
         let mut pending = Vec::new();
-        for image in mutate::images_to_resolve(pod) {
+        let mut images = mutate::images_to_resolve(pod);
+        let over = images.split_off(images.len().min(self.settings.max_images));
+        for image in images {
             match self.cache.resolve_cached(image) {
                 Some(outcome) => {
-                    outcomes.push((image, outcome.map_err(|e| self.failure(image, &e))))
+                    outcomes.insert(image, outcome.map_err(|e| self.failure(image, &e)));
                 }
                 None => {
                     let cache = self.cache.clone();
@@ -424,9 +438,9 @@ impl Admitter {
                     needs_pull_secret: self.cache.needs_pull_secret(image),
                 }),
             };
-            outcomes.push((image, outcome));
+            outcomes.insert(image, outcome);
         }
-        outcomes
+        (outcomes, over)
     }
 
     fn failure(&self, image: &str, error: &ResolveError) -> Failure {
@@ -438,8 +452,33 @@ impl Admitter {
     }
 
     async fn mutate(&self, uid: &str, pod: &Pod, budget: Duration) -> ReviewResponse {
-        let outcomes = self.resolve_all(pod, budget).await;
+        let (outcomes, over) = self.resolve_all(pod, budget).await;
         let mut warnings = Vec::new();
+        if !over.is_empty() {
+            let said = format!(
+                "the pod has {} distinct images to pin, more than --max-images-per-review={}",
+                over.len() + self.settings.max_images,
+                self.settings.max_images
+            );
+            if self.settings.failure_mode == FailureMode::Closed {
+                info!(uid, reason = %said, "function pod denied");
+                return ReviewResponse::deny(
+                    uid,
+                    400,
+                    format!("{said}; --failure-mode closed denies such pods"),
+                );
+            }
+            warnings.push(format!(
+                "{said}: {} of them left as written, not pinned",
+                over.len()
+            ));
+            if let Some(metrics) = &self.metrics {
+                for _ in &over {
+                    metrics.admission_unpinned("too-many-images");
+                }
+            }
+        }
+        let over: HashSet<&str> = over.into_iter().collect();
         for (image, outcome) in &outcomes {
             if let Ok((_, CacheStatus::Stale)) = outcome {
                 warnings.push(format!(
@@ -448,9 +487,11 @@ impl Admitter {
             }
         }
         let lookup = |image: &str| -> Option<Resolved<'_>> {
-            match outcomes.iter().find(|(i, _)| *i == image) {
-                Some((_, Ok((cached, _)))) => cached.answer().map(Resolved::Answer),
-                Some((_, Err(failure))) => Some(Resolved::Failed(failure)),
+            match outcomes.get(image) {
+                Some(Ok((cached, _))) => cached.answer().map(Resolved::Answer),
+                Some(Err(failure)) => Some(Resolved::Failed(failure)),
+                // Past the limit: left alone.
+                None if over.contains(image) => None,
                 None => Some(Resolved::Skipped {
                     needs_pull_secret: self.cache.needs_pull_secret(image),
                 }),
@@ -487,7 +528,12 @@ impl Admitter {
             );
         }
         warnings.extend(mutation.warnings);
-        let outcome = if !mutation.unpinned.is_empty() {
+        if warnings.len() > MAX_WARNINGS {
+            let more = warnings.len() - (MAX_WARNINGS - 1);
+            warnings.truncate(MAX_WARNINGS - 1);
+            warnings.push(format!("… and {more} more warnings like these"));
+        }
+        let outcome = if !mutation.unpinned.is_empty() || !over.is_empty() {
             "failed-open"
         } else if mutation.operations.is_empty() {
             "unchanged"
@@ -541,6 +587,7 @@ mod tests {
                 failure_mode: mode,
                 pin_function_image: true,
                 default_timeout: Duration::from_secs(10),
+                max_images: 32,
             };
             let resolver = crate::registry::Resolver::new(&crate::registry::ResolverSettings {
                 default_prefix: String::new(),

@@ -51,6 +51,7 @@ pub enum Denial {
     Unpinnable {
         container: String,
         image: String,
+        kind: FailureKind,
         reason: String,
     },
     #[error(
@@ -61,16 +62,29 @@ pub enum Denial {
 
 impl Denial {
     /// The HTTP-style code in the AdmissionReview's status.
+    /// Definitive failures (retrying cannot help) keep their own code;
+    /// only a transient one says 503, which invites a retry.
     pub fn code(&self) -> u16 {
         match self {
-            Self::FunctionImage { kind, .. } => match kind {
-                ErrorKind::InvalidReference | ErrorKind::UnsupportedImage => 400,
-                ErrorKind::NotFound | ErrorKind::PlatformNotFound => 404,
-                _ => 403,
-            },
+            Self::FunctionImage { kind, .. }
+            | Self::Unpinnable {
+                kind: FailureKind::Resolve(kind),
+                ..
+            } => definitive_code(*kind).unwrap_or(503),
             Self::NoEntrypoint { .. } => 400,
             Self::Unpinnable { .. } | Self::PullSecretMissing { .. } => 503,
         }
+    }
+}
+
+/// The status code of a definitive resolution failure; `None` for a
+/// transient one.
+fn definitive_code(kind: ErrorKind) -> Option<u16> {
+    match kind {
+        ErrorKind::InvalidReference | ErrorKind::UnsupportedImage => Some(400),
+        ErrorKind::NotFound | ErrorKind::PlatformNotFound => Some(404),
+        ErrorKind::Unauthorized => Some(403),
+        _ => None,
     }
 }
 
@@ -165,12 +179,22 @@ pub struct PodMeta {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
-    #[serde(default)]
+    /// `null` is how Go encodes an empty list: a pod like any other (the
+    /// API server rejects a pod without containers itself).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<Container>,
     #[serde(default)]
     pub init_containers: Option<Vec<Container>>,
     #[serde(default)]
     pub image_pull_secrets: Option<Vec<SecretRef>>,
+}
+
+fn null_as_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,12 +274,21 @@ pub struct Unpinned {
 pub fn images_to_resolve(pod: &Pod) -> Vec<&str> {
     let function = pod.function_container();
     let mut images: Vec<&str> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // The function's image first: a limit on images never leaves it out.
+    if let Some(image) = function
+        .and_then(|i| pod.spec.as_ref()?.containers.get(i))
+        .and_then(Container::image)
+    {
+        seen.insert(image);
+        images.push(image);
+    }
     for_each_container(pod, |field, i, container| {
         let Some(image) = container.image() else {
             return;
         };
         let is_function = field == "containers" && Some(i) == function;
-        if (is_function || !image.contains('@')) && !images.contains(&image) {
+        if (is_function || !image.contains('@')) && seen.insert(image) {
             images.push(image);
         }
     });
@@ -437,13 +470,8 @@ fn unresolved(
     options: &Options<'_>,
     mutation: &mut Mutation,
 ) -> Option<Denial> {
-    if options.failure_mode == FailureMode::Closed {
-        return Some(Denial::Unpinnable {
-            container: container.name.clone(),
-            image: image.to_string(),
-            reason: failure.message.clone(),
-        });
-    }
+    // A function that cannot run is denied as such in either mode (with
+    // its definitive code); then the closed rule.
     if is_function && let FailureKind::Resolve(kind) = failure.kind {
         let needs_entrypoint = container
             .separator()
@@ -463,6 +491,14 @@ fn unresolved(
                 reason: failure.message.clone(),
             });
         }
+    }
+    if options.failure_mode == FailureMode::Closed {
+        return Some(Denial::Unpinnable {
+            container: container.name.clone(),
+            image: image.to_string(),
+            kind: failure.kind,
+            reason: failure.message.clone(),
+        });
     }
     if image.contains('@') {
         // Pinned already; only its entrypoint could not be checked.
@@ -537,6 +573,9 @@ fn entrypoint<'a>(
     }))
 }
 
+/// Most containers the unpinned annotation names.
+const MAX_UNPINNED_RECORDED: usize = 64;
+
 /// Records the original images of the containers pinned now, and which
 /// containers are admitted unpinned and why, in the pod's annotations.
 /// Both merge with what an earlier pass recorded (reinvocation after another
@@ -573,6 +612,16 @@ fn annotate(pod: &Pod, mutation: &mut Mutation) {
     });
     for (name, u) in &mutation.unpinned {
         unpinned.insert(name.clone(), u.reason.clone());
+    }
+    // Bounded, so that a pod of thousands of containers does not outgrow
+    // the API server's limit on annotations.
+    if unpinned.len() > MAX_UNPINNED_RECORDED {
+        let more = unpinned.len() - MAX_UNPINNED_RECORDED;
+        unpinned = unpinned.into_iter().take(MAX_UNPINNED_RECORDED).collect();
+        unpinned.insert(
+            "…".into(),
+            format!("{more} more containers admitted unpinned"),
+        );
     }
     if before.as_ref() != Some(&unpinned) {
         let raw_exists = annotations.is_some_and(|a| a.contains_key(UNPINNED_ANNOTATION));

@@ -562,6 +562,19 @@ pub struct WebhookArgs {
           value_name = "BOOL")]
     pub pin_function_image: bool,
 
+    /// Most distinct images one review resolves (a function pod has two).
+    /// Past it the pod's other containers are left as written, with one
+    /// warning (failure mode open), or the pod is denied (closed): a pod of
+    /// thousands of containers costs a bounded review.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_MAX_IMAGES_PER_REVIEW",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N"
+    )]
+    pub max_images_per_review: u32,
+
     /// Keep the pull secret mirrored into --pod-namespace (when private
     /// registries are enabled). Off for clusters where the secret is managed
     /// elsewhere: then it is injected without checking that it exists.

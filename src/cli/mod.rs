@@ -200,6 +200,7 @@ impl ServeArgs {
                 pull_secret: self.registry.registry_auth_secret_name.clone(),
                 failure_mode: self.webhook.failure_mode,
                 pin_function_image: self.webhook.pin_function_image,
+                max_images: self.webhook.max_images_per_review as usize,
                 default_timeout: self.webhook.admission_timeout,
             },
             resolver,

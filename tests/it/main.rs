@@ -179,6 +179,7 @@ pub fn admission_settings() -> fn_image_resolver::admission::AdmissionSettings {
         pull_secret: "auth-secret".into(),
         failure_mode: fn_image_resolver::admission::FailureMode::Open,
         pin_function_image: true,
+        max_images: 32,
         default_timeout: Duration::from_secs(10),
     }
 }

@@ -863,3 +863,128 @@ async fn a_certificate_rotated_by_the_kubelets_symlink_swap_is_served() {
         "the old one is gone"
     );
 }
+
+#[tokio::test]
+async fn closed_mode_keeps_definitive_codes_and_says_503_only_for_transient_failures() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Closed).await;
+    // The function image not found: 404, as in open mode.
+    let mut missing = review(&env.proxy.host);
+    missing["request"]["object"]["spec"]["containers"][0]["image"] =
+        json!(format!("{}/fns/nope:v1", env.proxy.host));
+    let (_, answer) = hook.post(&missing, "").await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 404, "{answer}");
+    // An invalid reference: 400.
+    let mut invalid = review(&env.proxy.host);
+    invalid["request"]["object"]["spec"]["containers"][0]["image"] = json!("UPPER/Case:v1");
+    let (_, answer) = hook.post(&invalid, "").await;
+    assert_eq!(answer["response"]["status"]["code"], 400, "{answer}");
+    // The wrapper-server image not found: the closed rule denies it, with
+    // the definitive code.
+    let mut wrapper = review(&env.proxy.host);
+    wrapper["request"]["object"]["spec"]["initContainers"][0]["image"] =
+        json!(format!("{}/nephio/nope:v1", env.proxy.host));
+    let (_, answer) = hook.post(&wrapper, "").await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 404, "{answer}");
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--failure-mode closed")),
+        "{answer}"
+    );
+    // A registry that answers 500: transient, 503.
+    env.proxy.set_fault(
+        Fault::Status {
+            code: 500,
+            retry_after: None,
+        },
+        Some(Kind::Manifest),
+    );
+    let mut flaky = review(&env.proxy.host);
+    flaky["request"]["object"]["spec"]["initContainers"][0]["image"] =
+        json!(format!("{}/nephio/porch-wrapper-server:v5", env.proxy.host));
+    let (_, answer) = hook.post(&flaky, "").await;
+    assert_eq!(answer["response"]["status"]["code"], 503, "{answer}");
+}
+
+/// A review of a function pod with `n` more containers, each with an image
+/// of its own (none exists).
+fn big_review(registry: &str, n: usize) -> Value {
+    let mut review = review(registry);
+    let containers = review["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers");
+    for i in 0..n {
+        containers
+            .push(json!({"name": format!("c{i}"), "image": format!("{registry}/fns/x:t{i}")}));
+    }
+    review
+}
+
+#[tokio::test]
+async fn a_pod_of_5000_containers_is_answered_within_its_budget_with_bounded_work() {
+    let env = PlainEnv::start().await;
+    let review = big_review(&env.proxy.host, 5000);
+    let open = webhook(&env.settings(), FailureMode::Open).await;
+    let started = std::time::Instant::now();
+    let (status, answer) = open.post(&review, "?timeout=10s").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered within the review's budget: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let manifests = env
+        .proxy
+        .seen()
+        .iter()
+        .filter(|s| s.kind == Kind::Manifest)
+        .count();
+    assert!(manifests <= 32, "at most 32 images resolved: {manifests}");
+    let warnings = answer["response"]["warnings"].as_array().expect("warnings");
+    assert!(warnings.len() <= 16, "{}", warnings.len());
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .is_some_and(|w| w.contains("more than --max-images-per-review=32"))),
+        "{warnings:?}"
+    );
+    let pod = patched(&review, &answer);
+    assert!(
+        pod["spec"]["containers"][0]["image"]
+            .as_str()
+            .is_some_and(|i| i.contains("@sha256:")),
+        "the function is pinned first"
+    );
+    assert_eq!(
+        pod["spec"]["containers"][4000]["image"],
+        review["request"]["object"]["spec"]["containers"][4000]["image"]
+    );
+    let recorded = pod["metadata"]["annotations"][UNPINNED_ANNOTATION]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        recorded.len() < 16 * 1024,
+        "bounded: {} bytes",
+        recorded.len()
+    );
+
+    let closed = webhook(&env.settings(), FailureMode::Closed).await;
+    let (_, answer) = closed.post(&review, "?timeout=10s").await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 400, "{answer}");
+}
+
+#[tokio::test]
+async fn containers_null_is_a_pod_allowed_as_it_is() {
+    let env = PlainEnv::start().await;
+    let hook = webhook(&env.settings(), FailureMode::Open).await;
+    let mut null = review(&env.proxy.host);
+    null["request"]["object"]["spec"]["containers"] = Value::Null;
+    let (status, answer) = hook.post(&null, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+}
