@@ -53,6 +53,8 @@ pub struct MirrorSettings {
 /// What the mirror knows: whether it has put the Secret in place once
 /// (readiness), and whether the Secret exists now, whoever wrote it (the
 /// webhook injects it only then; Porch's function runner writes it too).
+/// That comes from the watch on the Secret alone, in the order the API
+/// server sent its events.
 #[derive(Debug, Default)]
 pub struct MirrorStatus {
     synced: AtomicBool,
@@ -89,8 +91,9 @@ impl MirrorStatus {
         match result {
             Ok(()) => {
                 self.synced.store(true, Ordering::Release);
-                // Just read or written: it exists (the watch may lag).
-                self.set_exists(true);
+                // Whether it exists is the watch's to say, never a sync's: a
+                // sync that read the Secret just before a delete would
+                // otherwise say it exists after the watch said it is gone.
                 *last = None;
             }
             Err(e) => *last = Some(e.clone()),
@@ -518,4 +521,27 @@ pub async fn run_when_connected(
         }
     };
     run(client, settings, status, metrics, Some(readiness), shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_that_read_the_secret_before_a_delete_does_not_bring_it_back() {
+        let status = MirrorStatus::default();
+        // The watch saw it; a sync reads it (exists) and, before the sync
+        // records its success, the watch sees it deleted.
+        status.set_exists(true);
+        status.set_exists(false);
+        status.record(&Ok(()));
+        assert!(status.is_synced());
+        assert!(
+            !status.secret_exists(),
+            "the delete the watch saw last stands"
+        );
+        // It exists again only when the watch says so.
+        status.set_exists(true);
+        assert!(status.secret_exists());
+    }
 }

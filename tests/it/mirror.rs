@@ -526,3 +526,157 @@ async fn the_mirror_and_porchs_own_writer_of_the_secret_agree() {
     assert!(status.is_synced() && status.secret_exists());
     shutdown.cancel();
 }
+
+/// The mirror with readiness, from a mount holding `config("one")`.
+fn start_mirror_with_readiness(
+    client: kube::Client,
+    mount: &tempfile::TempDir,
+    metrics: Arc<Metrics>,
+) -> (
+    Arc<fn_image_resolver::health::Readiness>,
+    tokio_util::sync::CancellationToken,
+) {
+    kubelet_swap(mount.path(), &config("one"), 1);
+    let readiness = Arc::new(fn_image_resolver::health::Readiness::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let settings = MirrorSettings {
+        source: mount.path().join(".dockerconfigjson"),
+        name: "registry-auth-secret".into(),
+        namespace: NS.into(),
+        resync: Duration::from_secs(60),
+    };
+    tokio::spawn(fn_image_resolver::secrets::run(
+        client,
+        settings,
+        Arc::new(MirrorStatus::default()),
+        metrics,
+        Some(readiness.clone()),
+        shutdown.clone(),
+    ));
+    (readiness, shutdown)
+}
+
+/// Waits until the pull-secret check is degraded; its reason.
+async fn degraded_reason(readiness: &fn_image_resolver::health::Readiness, name: &str) -> String {
+    use fn_image_resolver::health::Check;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match readiness.get(fn_image_resolver::secrets::READINESS_CHECK) {
+            Some(Check::Degraded(reason)) => return reason,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: never degraded: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A mirror that can never write stays a reason in /readyz, a metric and
+/// an alert, never a replica out of service: for a Secret of that name of
+/// another type, an immutable one holding other bytes, and a policy that
+/// refuses our label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_cannot_write_leaves_the_replica_ready_with_the_reason() {
+    let (plane, admin, sa) = plane_with_deploy().await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    let admin_kubeconfig = plane.kubeconfig(ADMIN_TOKEN, "admin");
+    let apply = |yaml: &str| {
+        let path = plane.dir.path().join("policy.yaml");
+        std::fs::write(&path, yaml).expect("write");
+        let (ok, out) = crate::e2e::kubectl(
+            &admin_kubeconfig,
+            &["apply", "-f", &path.display().to_string()],
+        );
+        assert!(ok, "{out}");
+    };
+    let case = |name: &'static str| {
+        let sa = sa.clone();
+        async move {
+            let mount = tempfile::tempdir().expect("mount");
+            let metrics = Metrics::new();
+            let (readiness, shutdown) =
+                start_mirror_with_readiness(sa.clone(), &mount, metrics.clone());
+            let reason = degraded_reason(&readiness, name).await;
+            assert!(readiness.snapshot().0, "{name}: still ready");
+            let errors = metrics.encode();
+            assert!(
+                errors.contains("fn_image_resolver_secret_syncs_total{result=\"error\"}"),
+                "{name}: {errors}"
+            );
+            shutdown.cancel();
+            reason
+        }
+    };
+
+    // 1. A Secret of that name of another type: the type cannot change.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: registry-auth-secret, namespace: {NS}}}\ntype: Opaque\nstringData: {{note: other}}\n"
+    ));
+    let reason = case("another type").await;
+    assert!(reason.contains("registry-auth-secret"), "{reason}");
+    secrets
+        .delete("registry-auth-secret", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    // 2. An immutable Secret of the right type with other bytes.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: registry-auth-secret, namespace: {NS}}}\ntype: kubernetes.io/dockerconfigjson\nimmutable: true\nstringData:\n  .dockerconfigjson: '{{\"auths\": {{}}}}'\n"
+    ));
+    let reason = case("immutable").await;
+    assert!(reason.contains("registry-auth-secret"), "{reason}");
+    secrets
+        .delete("registry-auth-secret", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    // 3. A ValidatingAdmissionPolicy refusing Secrets with our label.
+    apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: no-fn-image-resolver-secrets}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [\"\"], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [secrets]}}
+  validations:
+    - expression: \"!has(object.metadata.labels) || !('{MANAGED_BY_LABEL}' in object.metadata.labels)\"
+      message: Secrets here may not carry that label
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: no-fn-image-resolver-secrets}}
+spec:
+  policyName: no-fn-image-resolver-secrets
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {NS}}}}}
+"
+    ));
+    // The policy is in force once a labelled Secret is refused.
+    let probe: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+    }))
+    .expect("probe");
+    let dry_run = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while secrets.create(&dry_run, &probe).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A mirror of an earlier case may have put the Secret back while it
+    // stopped: gone before this one starts.
+    let _ = secrets
+        .delete("registry-auth-secret", &DeleteParams::default())
+        .await;
+    let reason = case("policy").await;
+    assert!(reason.contains("may not carry that label"), "{reason}");
+}
