@@ -99,6 +99,24 @@ impl Entry {
         }
     }
 
+    /// About how many bytes the entry holds: its own allocation and the
+    /// text and arguments it keeps (what a hostile image can make large).
+    pub(super) fn weight(&self) -> u64 {
+        let inner = &self.0;
+        let mut bytes = std::mem::size_of::<Inner>()
+            + inner.written.as_deref().map_or(0, str::len)
+            + inner.reference.as_str().len();
+        if let Ok(info) = &inner.outcome {
+            bytes += info
+                .config_entrypoint
+                .iter()
+                .chain(info.cmd.iter())
+                .map(|a| a.len() + std::mem::size_of::<String>())
+                .sum::<usize>();
+        }
+        bytes as u64
+    }
+
     /// Is this the entry for `wanted`?
     pub(super) fn is_for(&self, wanted: Wanted<'_>) -> bool {
         self.wanted() == wanted
@@ -176,6 +194,28 @@ mod tests {
             catalog: false,
             platform: None,
         }
+    }
+
+    #[test]
+    fn a_typical_entry_weighs_less_than_the_floor_and_a_long_entrypoint_what_it_holds() {
+        let image = "ghcr.io/kptdev/krm-functions-catalog/set-namespace:v0.4.1";
+        let typical = Entry::new(
+            wanted(image),
+            reference(image),
+            None,
+            Ok(info(&["/usr/local/bin/function"])),
+        );
+        // The default settings keep 10,000 such entries.
+        let defaults = super::super::CacheSettings::default();
+        assert!(typical.weight() < defaults.max_bytes / defaults.capacity);
+        let long = "x".repeat(60 * 1024);
+        let heavy = Entry::new(
+            wanted(image),
+            reference(image),
+            None,
+            Ok(info(&["/f", &long])),
+        );
+        assert!(heavy.weight() > 60 * 1024);
     }
 
     #[test]

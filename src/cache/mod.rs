@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::{EntryAction, EntryResult};
-use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
+use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
@@ -45,6 +45,11 @@ use crate::registry::{
     Resolver,
 };
 
+/// `--cache-max-bytes` unless set: 10,000 typical entries (a few hundred
+/// bytes each) fit many times over; 500 of the largest an image may carry
+/// (64 KiB of arguments) fit.
+pub const DEFAULT_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
 /// Backstop re-read of the Docker config, for missed file events.
 const CREDENTIALS_RESYNC: Duration = Duration::from_secs(30);
 
@@ -53,6 +58,10 @@ const CREDENTIALS_RESYNC: Duration = Duration::from_secs(30);
 pub struct CacheSettings {
     /// Most entries kept (answers and cached failures together).
     pub capacity: u64,
+    /// Most bytes the entries hold together. Each entry counts as at least
+    /// `max_bytes / capacity`, so `capacity` typical entries fit, and a few
+    /// large ones (long entrypoints) push others out.
+    pub max_bytes: u64,
     /// After this, a tag's answer is revalidated (HEAD) in the background.
     pub tag_ttl: Duration,
     /// How long past `tag_ttl` an answer may still be served while the
@@ -66,6 +75,7 @@ impl Default for CacheSettings {
     fn default() -> Self {
         Self {
             capacity: 10_000,
+            max_bytes: DEFAULT_MAX_BYTES,
             tag_ttl: Duration::from_secs(300),
             max_stale: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(30),
@@ -139,9 +149,21 @@ impl Lifecycle<u64, Entry> for CountEvictions {
     }
 }
 
+/// An entry's weight: its bytes, and at least the floor that makes
+/// `capacity` entries the most there can be.
+#[derive(Clone)]
+struct Bytes {
+    floor: u64,
+}
+
+impl Weighter<u64, Entry> for Bytes {
+    fn weight(&self, _: &u64, entry: &Entry) -> u64 {
+        entry.weight().max(self.floor)
+    }
+}
+
 /// Keyed by [`CachedResolver::key`].
-type Answers =
-    quick_cache::sync::Cache<u64, Entry, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+type Answers = quick_cache::sync::Cache<u64, Entry, Bytes, DefaultHashBuilder, CountEvictions>;
 
 /// A [`Resolver`] with the shared cache in front. Cheap to clone.
 #[derive(Clone)]
@@ -168,14 +190,20 @@ impl std::fmt::Debug for CachedResolver {
 }
 
 impl CachedResolver {
+    /// What the entries weigh together (bytes, each at least the floor).
+    pub fn weight(&self) -> u64 {
+        self.answers.weight()
+    }
+
     pub fn new(resolver: Arc<Resolver>, settings: CacheSettings, metrics: Arc<Metrics>) -> Self {
-        let capacity = usize::try_from(settings.capacity)
-            .unwrap_or(usize::MAX)
-            .max(1);
+        let capacity = settings.capacity.max(1);
+        let max_bytes = settings.max_bytes.max(1);
         let answers = Answers::with(
-            capacity,
-            capacity as u64,
-            UnitWeighter,
+            usize::try_from(capacity).unwrap_or(usize::MAX),
+            max_bytes,
+            Bytes {
+                floor: (max_bytes / capacity).max(1),
+            },
             DefaultHashBuilder::default(),
             CountEvictions(metrics.clone()),
         );

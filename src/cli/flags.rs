@@ -184,6 +184,31 @@ impl RegistryArgs {
     }
 }
 
+/// A size in bytes: a number, with an optional binary suffix (Ki, Mi, Gi).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: a number of bytes, with Ki, Mi or Gi if any"
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: a positive number of bytes"))
+}
+
 /// The shared resolver cache.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Cache")]
@@ -196,6 +221,19 @@ pub struct CacheArgs {
         value_name = "ENTRIES"
     )]
     pub cache_capacity: u64,
+
+    /// Most memory the cached answers hold together, in bytes (suffixes Ki,
+    /// Mi, Gi). Every answer counts as at least this divided by
+    /// --cache-capacity, so that many typical answers fit; images with long
+    /// entrypoints count as what they hold.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_CACHE_MAX_BYTES",
+        default_value = "32Mi",
+        value_parser = parse_bytes,
+        value_name = "BYTES"
+    )]
+    pub cache_max_bytes: u64,
 
     /// Age after which a tag's answer is revalidated with a HEAD (in the
     /// background; the cached answer is served meanwhile). Digests never expire.
@@ -218,6 +256,7 @@ impl CacheArgs {
     pub fn settings(&self) -> CacheSettings {
         CacheSettings {
             capacity: self.cache_capacity,
+            max_bytes: self.cache_max_bytes,
             tag_ttl: self.cache_tag_ttl,
             max_stale: self.cache_max_stale,
             negative_ttl: self.cache_negative_ttl,

@@ -33,6 +33,10 @@ use self::manifest::{
 pub use self::reference::ImageRef;
 use self::tls::TlsError;
 
+/// Most bytes of arguments (Entrypoint and Cmd together) an image may
+/// have: more is refused as `unsupported-image`, definitively.
+pub const MAX_ARGUMENT_BYTES: usize = 64 * 1024;
+
 /// Deepest nesting of indexes followed (the OCI image spec allows an index
 /// in an index; containerd descends them).
 const MAX_INDEX_DEPTH: usize = 4;
@@ -725,6 +729,19 @@ impl Resolver {
             return Err(unsupported(
                 "the image config's Entrypoint or Cmd holds a NUL character, which no program argument can hold".into(),
             ));
+        }
+        // What one image may carry into the cache and into pods: Porch's
+        // functions have a few short arguments.
+        let carried: usize = parsed
+            .entrypoint
+            .iter()
+            .chain(&parsed.cmd)
+            .map(String::len)
+            .sum();
+        if carried > MAX_ARGUMENT_BYTES {
+            return Err(unsupported(format!(
+                "the image config's Entrypoint and Cmd hold {carried} bytes of arguments, more than the {MAX_ARGUMENT_BYTES} accepted"
+            )));
         }
         Ok(ImageInfo {
             digest: Digest::new(&digest),

@@ -25,6 +25,7 @@ async fn move_set_namespace(env: &PlainEnv, label: &str, entrypoint: &str) -> Im
 fn short_ttl() -> CacheSettings {
     CacheSettings {
         capacity: 1000,
+        max_bytes: fn_image_resolver::cache::DEFAULT_MAX_BYTES,
         tag_ttl: Duration::from_millis(800),
         max_stale: Duration::from_secs(60),
         negative_ttl: Duration::from_millis(800),
@@ -514,4 +515,69 @@ async fn a_waiting_resolution_holds_a_small_future() {
         std::mem::size_of_val(&for_pod),
     );
     assert!(sizes.0 < 2048 && sizes.1 < 2048, "{sizes:?} bytes");
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded_in_bytes_and_an_image_may_carry_at_most_64_kib_of_arguments() {
+    let env = PlainEnv::start().await;
+    let pusher = Pusher::new(env.registry.url(), reqwest::Client::new());
+    // 200 tags of an image whose entrypoint is 60 KiB: each a cache entry
+    // holding it.
+    let long = "x".repeat(60 * 1024);
+    pusher
+        .tags(
+            "fns/long",
+            "t",
+            &image("long", Some(&["/fn", &long]), None, "linux/amd64", false),
+            200,
+        )
+        .await;
+    let max_bytes = 2 * 1024 * 1024;
+    let settings = CacheSettings {
+        max_bytes,
+        ..CacheSettings::default()
+    };
+    let (cache, metrics) = cached(&env.settings(), settings);
+    for i in 0..200 {
+        let (answer, _) = cache
+            .resolve(&env.image(&format!("fns/long:t{i}")), None)
+            .await
+            .expect("60 KiB of arguments is allowed");
+        assert_eq!(answer.entrypoint[1].len(), 60 * 1024);
+        assert!(
+            cache.weight() <= max_bytes,
+            "{} bytes after {} images",
+            cache.weight(),
+            i + 1
+        );
+    }
+    assert!(
+        cache.entry_count() < 40,
+        "{} entries of 60 KiB in 2 MiB",
+        cache.entry_count()
+    );
+    assert!(
+        crate::metrics_text_of(&metrics).contains("fn_image_resolver_cache_evictions_total"),
+        "evictions are counted"
+    );
+
+    // More than 64 KiB of arguments: refused, definitively.
+    let huge = "y".repeat(1024 * 1024);
+    pusher
+        .image(
+            "fns/huge",
+            "v1",
+            &image("huge", Some(&["/fn"]), Some(&[&huge]), "linux/amd64", false),
+        )
+        .await;
+    let err = cache
+        .resolve(&env.image("fns/huge:v1"), None)
+        .await
+        .expect_err("too much to carry");
+    assert_eq!(err.kind(), ErrorKind::UnsupportedImage);
+    assert!(
+        err.to_string().contains("more than the 65536 accepted"),
+        "{err}"
+    );
+    assert!(err.kind().is_definitive(), "never retried");
 }

@@ -1,9 +1,9 @@
 //! The library's modules form layers: no module depends, directly or through
-//! others, on a module that depends on it. Checked on the source: every
-//! `crate::module` a top-level module names is an edge between top-level
-//! modules, and every `super::sibling` or `crate::parent::sibling` is an
-//! edge between the children of one module (a child using its parent's own
-//! items is not a dependency on a sibling).
+//! others, on a module that depends on it, at any depth. Checked on the
+//! source: every module path a file names (`crate::…`, `super::…`,
+//! `self::…`, grouped or not) is an edge between the two modules' ancestors
+//! that share a parent (a child using its parent's own items is not a
+//! dependency on a sibling).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -85,65 +85,127 @@ fn cycle(graph: &Graph) -> Option<Vec<String>> {
         .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
 }
 
-fn graphs() -> (Graph, BTreeMap<String, Graph>) {
+/// Whether `path` (module names from the crate root) is a module of `src`.
+fn is_module(src: &Path, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return true;
+    };
+    let dir = parents.iter().fold(src.to_path_buf(), |d, p| d.join(p));
+    dir.join(format!("{last}.rs")).exists() || dir.join(last).join("mod.rs").exists()
+}
+
+/// The modules a file's code names: `crate::a::b::…`, `super::…` (any
+/// number of them), `self::…`, each also in the `{x, y::z}` group form,
+/// resolved to module paths from the crate root (the longest prefix of the
+/// named path that is a module).
+fn references(src: &Path, module: &[String], code: &str) -> Vec<Vec<String>> {
+    let path_ref = regex::Regex::new(
+        r"\b(crate|self|super(?:::super)*)((?:::[a-z_][a-z0-9_]*)*)(?:::\{([^}]*)\})?",
+    )
+    .expect("regex");
+    let mut found = Vec::new();
+    for c in path_ref.captures_iter(code) {
+        let mut base: Vec<String> = match &c[1] {
+            "crate" => Vec::new(),
+            "self" => module.to_vec(),
+            supers => {
+                let up = supers.matches("super").count();
+                module[..module.len().saturating_sub(up)].to_vec()
+            }
+        };
+        base.extend(
+            c[2].split("::")
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+        let mut tails: Vec<Vec<String>> = vec![Vec::new()];
+        if let Some(group) = c.get(3) {
+            tails = group
+                .as_str()
+                .split(',')
+                .map(|item| {
+                    item.trim()
+                        .split("::")
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .collect();
+        }
+        for tail in tails {
+            let mut full = base.clone();
+            full.extend(tail);
+            while !full.is_empty() && !is_module(src, &full) {
+                full.pop();
+            }
+            found.push(full);
+        }
+    }
+    found
+}
+
+/// The graphs of dependencies between sibling modules, by parent ("" for
+/// the crate's top level): a module that names another, or anything inside
+/// it, depends on it; the edge is between their ancestors that are
+/// children of their closest common parent. A module naming its own
+/// ancestors' items, or its descendants, adds no edge.
+fn graphs() -> BTreeMap<String, Graph> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    let crate_ref = regex::Regex::new(r"crate::([a-z_]+)(?:::([a-z_]+))?").expect("regex");
-    let super_ref = regex::Regex::new(r"\bsuper::([a-z_]+)").expect("regex");
-    let mut top = Graph::new();
-    let mut within: BTreeMap<String, Graph> = BTreeMap::new();
+    let mut graphs: BTreeMap<String, Graph> = BTreeMap::new();
     for file in files {
-        let path = module_path(&src, &file);
-        let Some(module) = path.first().filter(|m| *m != "lib" && *m != "main") else {
+        let module = module_path(&src, &file);
+        if module.first().is_some_and(|m| m == "lib" || m == "main") {
             continue;
-        };
-        let code = code(&file);
-        top.entry(module.clone()).or_default();
-        for c in crate_ref.captures_iter(&code) {
-            let target = c[1].to_string();
-            if target != *module {
-                top.entry(module.clone()).or_default().insert(target);
-            } else if let (Some(child), Some(sibling)) = (path.get(1), c.get(2)) {
-                // crate::parent::sibling from parent/child.rs
-                if sibling.as_str() != child {
-                    within
-                        .entry(module.clone())
-                        .or_default()
-                        .entry(child.clone())
-                        .or_default()
-                        .insert(sibling.as_str().to_string());
-                }
-            }
         }
-        // super::sibling from parent/child.rs (one level deep).
-        if path.len() == 2 {
-            let child = &path[1];
-            let graph = within.entry(module.clone()).or_default();
-            graph.entry(child.clone()).or_default();
-            for c in super_ref.captures_iter(&code) {
-                let sibling = c[1].to_string();
-                let is_child_module = src.join(module).join(format!("{sibling}.rs")).exists()
-                    || src.join(module).join(&sibling).is_dir();
-                if sibling != *child && is_child_module {
-                    graph.entry(child.clone()).or_default().insert(sibling);
-                }
+        for (depth, name) in module.iter().enumerate() {
+            graphs
+                .entry(module[..depth].join("::"))
+                .or_default()
+                .entry(name.clone())
+                .or_default();
+        }
+        for target in references(&src, &module, &code(&file)) {
+            let common = module
+                .iter()
+                .zip(&target)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if common < module.len() && common < target.len() {
+                graphs
+                    .entry(module[..common].join("::"))
+                    .or_default()
+                    .entry(module[common].clone())
+                    .or_default()
+                    .insert(target[common].clone());
             }
         }
     }
-    (top, within)
+    graphs
 }
 
 #[test]
 fn no_module_depends_on_a_module_that_depends_on_it() {
-    let (top, within) = graphs();
+    let graphs = graphs();
+    let top = graphs[""].clone();
     assert!(top.len() > 10, "the scan found the modules: {top:?}");
-    if let Some(found) = cycle(&top) {
-        panic!("a dependency cycle between modules: {}", found.join(" -> "));
-    }
-    for (parent, graph) in &within {
+    assert!(
+        graphs.contains_key("registry::client"),
+        "nested modules are checked too: {:?}",
+        graphs.keys().collect::<Vec<_>>()
+    );
+    for (parent, graph) in &graphs {
         if let Some(found) = cycle(graph) {
-            panic!("a dependency cycle inside {parent}: {}", found.join(" -> "));
+            panic!(
+                "a dependency cycle inside {}: {}",
+                if parent.is_empty() {
+                    "the crate"
+                } else {
+                    parent
+                },
+                found.join(" -> ")
+            );
         }
     }
     // The layering the README draws, spot-checked.
@@ -169,6 +231,25 @@ fn no_module_depends_on_a_module_that_depends_on_it() {
         for high in ["cli", "app"] {
             assert!(!depends(low, high), "{low} must not use {high}");
         }
+    }
+}
+
+#[test]
+fn the_scan_reads_every_form_of_path_a_module_names() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let module = vec!["registry".to_string(), "client".into(), "token".into()];
+    let code = "use super::response::{Attempt, classify};\nuse super::{RegistryClient, transport::Rung};\nuse crate::registry::error::RegistryError;\nuse super::super::tokens::X;\n";
+    let found = references(&src, &module, code);
+    for want in [
+        "registry::client::response",
+        "registry::client::transport",
+        "registry::error",
+        "registry::tokens",
+    ] {
+        assert!(
+            found.iter().any(|f| f.join("::") == want),
+            "{want} in {found:?}"
+        );
     }
 }
 

@@ -7,8 +7,15 @@ use reqwest::{StatusCode, header};
 use serde::Deserialize;
 
 use super::Target;
-use super::transport::Attempt;
 use crate::registry::error::RegistryError;
+
+/// Failure of one attempt, before the TLS ladder decides whether it goes
+/// on (the transport climbs it; this module classifies what went wrong).
+pub(super) enum Attempt {
+    /// The TLS handshake failed: the next rung may work.
+    Tls(String),
+    Failed(RegistryError),
+}
 
 /// Token responses and error bodies are small; anything bigger is not one.
 pub(super) const MAX_SMALL_BODY: usize = 64 * 1024;

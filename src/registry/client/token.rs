@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use reqwest::{StatusCode, header};
 
+use super::response::Attempt;
 use super::response::{MAX_SMALL_BODY, check_status, classify, read_limited};
-use super::transport::Attempt;
 use super::{RegistryClient, RequestKind, Target};
 use crate::registry::docker_config::Credential;
 use crate::registry::error::RegistryError;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use reqwest::{Method, StatusCode, header};
 use tracing::{debug, warn};
 
-use super::response::classify;
+use super::response::{Attempt, classify};
 use super::{MANIFEST_ACCEPT, RegistryClient, RequestKind, Target, rate_limit_header};
 use crate::registry::challenge::Challenge;
 use crate::registry::docker_config::Credential;
@@ -32,13 +32,6 @@ impl Rung {
             Self::PlainHttp => "plain HTTP",
         }
     }
-}
-
-/// Failure of one attempt, before deciding whether the ladder goes on.
-pub(super) enum Attempt {
-    /// The TLS handshake failed: the next rung may work.
-    Tls(String),
-    Failed(RegistryError),
 }
 
 impl RegistryClient {
