@@ -49,6 +49,7 @@ async fn main() {
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
         max_concurrent_fetches: 32,
+        registry_config_path: None,
         wait_for_files: false,
     };
     let metrics = Metrics::new();

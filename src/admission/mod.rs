@@ -600,6 +600,7 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
                 resolve_timeout: Duration::from_secs(1),
                 max_concurrent_fetches: 1,
+                registry_config_path: None,
                 wait_for_files: false,
             })
             .expect("resolver");

@@ -146,6 +146,19 @@ pub struct RegistryArgs {
     )]
     pub insecure_registries: Vec<String>,
 
+    /// Directory of registry host configuration in containerd's layout
+    /// (its config_path: DIR/<host[:port]>/hosts.toml, DIR/_default,
+    /// docker.io for Docker Hub), read as the nodes' containerd reads it:
+    /// the mirrors and pull-through caches an image's registry names are
+    /// tried in order, as the node pulls. Files are read again when they
+    /// change. Registries without a directory keep the rules above.
+    #[arg(
+        long,
+        env = "FN_IMAGE_RESOLVER_REGISTRY_CONFIG_PATH",
+        value_name = "DIR"
+    )]
+    pub registry_config_path: Option<PathBuf>,
+
     /// Time limit for resolving one image (all its registry requests).
     #[arg(long, env = "FN_IMAGE_RESOLVER_REGISTRY_TIMEOUT", default_value = "15s",
           value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -179,6 +192,7 @@ impl RegistryArgs {
             request_timeout: self.registry_timeout,
             resolve_timeout: self.registry_timeout,
             max_concurrent_fetches: self.max_concurrent_fetches as usize,
+            registry_config_path: self.registry_config_path.clone(),
             wait_for_files: false,
         }
     }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod docker_config;
 pub mod error;
 pub mod grammar;
+pub mod hosts;
 pub mod manifest;
 pub mod reference;
 pub mod tls;
@@ -19,9 +20,9 @@ use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use self::client::{ClientOptions, RegistryClient, RequestObserver, Target};
+use self::client::{ClientOptions, Endpoint, RegistryClient, RequestObserver, Target};
 pub use self::docker_config::{
     Credential, CredentialId, DockerConfig, DockerConfigError, KeyedCredential,
 };
@@ -60,6 +61,9 @@ pub struct ResolverSettings {
     pub resolve_timeout: Duration,
     /// Most resolutions (or revalidations) in flight at once.
     pub max_concurrent_fetches: usize,
+    /// containerd's registry host configuration (`config_path`): where
+    /// each registry's `hosts.toml` sends its requests.
+    pub registry_config_path: Option<PathBuf>,
     /// A Docker config or CA file that is not there yet is waited for
     /// (`serve`, whose Secret volumes are optional) rather than an error
     /// (`resolve`, where the user named the file).
@@ -326,6 +330,8 @@ pub struct Resolver {
     /// `--tls-secret-path` when private-registry TLS is on, with the CA
     /// file's bytes last loaded from it (`None`: no CA file there yet).
     mounted_ca: Option<(PathBuf, Mutex<Option<Vec<u8>>>)>,
+    /// Registries' host configuration, when `--registry-config-path` is set.
+    hosts: Option<HostsCache>,
     default_prefix: String,
     platform: Platform,
     private_registries: bool,
@@ -394,6 +400,13 @@ impl Resolver {
             client,
             credentials: Arc::new(credentials),
             mounted_ca: ca_state,
+            hosts: settings
+                .registry_config_path
+                .clone()
+                .map(|root| HostsCache {
+                    root,
+                    loaded: quick_cache::sync::Cache::new(1024),
+                }),
             default_prefix,
             platform: settings.platform.clone(),
             private_registries: settings.private_registries,
@@ -580,7 +593,8 @@ impl Resolver {
 
     /// Reads digest, entrypoint and cmd from the registry, within the
     /// resolve timeout. Costs one manifest GET and one config GET (plus the
-    /// platform manifest for an index, and a token when the registry wants one).
+    /// platform manifest for an index, and a token when the registry wants
+    /// one), from the hosts its hosts.toml names when it has one.
     pub async fn fetch(
         &self,
         reference: &ImageRef,
@@ -588,8 +602,11 @@ impl Resolver {
         credential: Option<&Credential>,
     ) -> Result<ImageInfo, RegistryError> {
         let target = target(reference, credential);
-        self.within_deadline(reference, self.fetch_inner(reference, &target, platform))
-            .await
+        self.within_deadline(reference, async {
+            let route = self.route(reference)?;
+            self.fetch_inner(reference, &route, &target, platform).await
+        })
+        .await
     }
 
     /// The digest a tag points to now (a HEAD), for revalidating cached answers.
@@ -599,12 +616,178 @@ impl Resolver {
         credential: Option<&Credential>,
     ) -> Result<Option<String>, RegistryError> {
         let target = target(reference, credential);
-        self.within_deadline(
-            reference,
-            self.client
-                .head_manifest(&target, reference.manifest_reference()),
-        )
+        self.within_deadline(reference, async {
+            let route = self.route(reference)?;
+            match self
+                .routed(
+                    &route,
+                    &target,
+                    Request::Head(reference.manifest_reference()),
+                    Hosts::Resolve,
+                )
+                .await?
+            {
+                Fetched::Digest(digest) => Ok(digest),
+                _ => unreachable!("a HEAD gives a digest"),
+            }
+        })
         .await
+    }
+
+    /// Where `reference`'s requests go: its registry's hosts.toml when it
+    /// has one (read again when one of its files changed), else the
+    /// registry itself.
+    fn route(&self, reference: &ImageRef) -> Result<Route, RegistryError> {
+        let Some(cache) = &self.hosts else {
+            return Ok(Route::Direct);
+        };
+        let registry = reference.registry();
+        if let Some(loaded) = cache.loaded.get(registry)
+            && !hosts::changed(&loaded.stamp)
+        {
+            return loaded.route.clone();
+        }
+        let (stamp, route) = match hosts::load(&cache.root, registry) {
+            Ok(read) => {
+                let route = match read.hosts {
+                    None => Ok(Route::Direct),
+                    Some(specs) => specs
+                        .iter()
+                        .map(|spec| self.client.endpoint(spec, registry))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|endpoints| Route::Hosts(endpoints.into())),
+                };
+                match &route {
+                    Ok(Route::Hosts(endpoints)) => {
+                        let hosts: Vec<&str> =
+                            endpoints.iter().map(|e| e.authority.as_str()).collect();
+                        info!(
+                            registry,
+                            ?hosts,
+                            "registry host configuration (hosts.toml) loaded"
+                        );
+                    }
+                    Ok(Route::Direct) => {}
+                    Err(e) => warn!(registry, error = %e, "registry host configuration unusable"),
+                }
+                (read.stamp, route)
+            }
+            // Looked at again at the next request.
+            Err(e) => (
+                Vec::new(),
+                Err(RegistryError::Tls {
+                    registry: registry.to_string(),
+                    detail: e.to_string(),
+                }),
+            ),
+        };
+        let loaded = Arc::new(LoadedRoute { stamp, route });
+        if !loaded.stamp.is_empty() {
+            cache.loaded.insert(registry.to_string(), loaded.clone());
+        }
+        loaded.route.clone()
+    }
+
+    /// Sends `request` to the registry itself, or across the hosts of its
+    /// hosts.toml as containerd does: a tag is resolved on the hosts that
+    /// may `resolve` (and `pull`), a digest reference on those that may
+    /// `pull`, each moving on to the next host on any error; content by
+    /// digest (child manifests, config blobs) is fetched from every host in
+    /// order (containerd 1.6.20 and 2.x alike: the `pull` capability only
+    /// says whether any fetch is made). All failing: the first error that
+    /// was not a 404, else not found.
+    async fn routed(
+        &self,
+        route: &Route,
+        target: &Target<'_>,
+        request: Request<'_>,
+        which: Hosts,
+    ) -> Result<Fetched, RegistryError> {
+        let Route::Hosts(endpoints) = route else {
+            return self.send(target, request).await;
+        };
+        let candidates: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| match which {
+                Hosts::Resolve => e.pull && e.resolve,
+                Hosts::Pull => e.pull,
+                Hosts::All => true,
+            })
+            .collect();
+        let mut first_error = None;
+        let mut not_found = None;
+        for (i, endpoint) in candidates.iter().enumerate() {
+            // The pod's credential goes to whichever host challenges, as the
+            // node's does: the kubelet hands containerd the credential
+            // without a server address, so containerd's CRI offers it to
+            // every host of the registry's hosts.toml.
+            let via = Target {
+                host: &endpoint.authority,
+                endpoint: Some(endpoint),
+                ..*target
+            };
+            match self.send(&via, request).await {
+                Ok(fetched) => {
+                    if i > 0 || !endpoint.is_registry() {
+                        debug!(registry = target.registry, host = %endpoint.authority, "answered by a host of hosts.toml");
+                    }
+                    return Ok(fetched);
+                }
+                Err(e @ RegistryError::NotFound { .. }) if which != Hosts::All => {
+                    not_found.get_or_insert(e);
+                }
+                Err(e) => {
+                    debug!(registry = target.registry, host = %endpoint.authority, error = %e, "trying the next host of hosts.toml");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error
+            .or(not_found)
+            .unwrap_or_else(|| RegistryError::NotFound {
+                registry: target.registry.to_string(),
+                what: format!(
+                    "{} (hosts.toml names no host that may {})",
+                    request.what(),
+                    which.as_str()
+                ),
+                code: "NO_HOSTS".into(),
+            }))
+    }
+
+    /// One request to one host.
+    async fn send(
+        &self,
+        target: &Target<'_>,
+        request: Request<'_>,
+    ) -> Result<Fetched, RegistryError> {
+        Ok(match request {
+            Request::Manifest(reference) => {
+                Fetched::Manifest(self.client.get_manifest(target, reference).await?)
+            }
+            Request::Head(reference) => {
+                Fetched::Digest(self.client.head_manifest(target, reference).await?)
+            }
+            Request::Blob(digest) => {
+                Fetched::Blob(self.client.get_config_blob(target, digest).await?)
+            }
+        })
+    }
+
+    async fn manifest(
+        &self,
+        route: &Route,
+        target: &Target<'_>,
+        reference: &str,
+        which: Hosts,
+    ) -> Result<client::Manifest, RegistryError> {
+        match self
+            .routed(route, target, Request::Manifest(reference), which)
+            .await?
+        {
+            Fetched::Manifest(m) => Ok(m),
+            _ => unreachable!("a manifest request gives a manifest"),
+        }
     }
 
     /// Runs `work` within the resolve timeout; running out is a Timeout.
@@ -633,6 +816,7 @@ impl Resolver {
     async fn fetch_inner(
         &self,
         reference: &ImageRef,
+        route: &Route,
         target: &Target<'_>,
         platform: &Platform,
     ) -> Result<ImageInfo, RegistryError> {
@@ -641,8 +825,16 @@ impl Resolver {
             detail,
         };
         let top = self
-            .client
-            .get_manifest(target, reference.manifest_reference())
+            .manifest(
+                route,
+                target,
+                reference.manifest_reference(),
+                if reference.digest().is_some() {
+                    Hosts::Pull
+                } else {
+                    Hosts::Resolve
+                },
+            )
             .await?;
         // Pin what we verified ourselves: the digest asked for, or the hash of
         // the bytes served. A registry whose header disagrees is lying.
@@ -696,12 +888,20 @@ impl Resolver {
                 });
             };
             unchecked = entry.platform.is_none().then(|| offered(&manifests));
-            let child = self.client.get_manifest(target, &entry.digest).await?;
+            let child = self
+                .manifest(route, target, &entry.digest, Hosts::All)
+                .await?;
             verify_digest(&entry.digest, &child.body)
                 .map_err(|e| invalid(format!("platform manifest {e}")))?;
             body = child;
         };
-        let blob = self.client.get_config_blob(target, &config.digest).await?;
+        let blob = match self
+            .routed(route, target, Request::Blob(&config.digest), Hosts::All)
+            .await?
+        {
+            Fetched::Blob(blob) => blob,
+            _ => unreachable!("a blob request gives a blob"),
+        };
         verify_digest(&config.digest, &blob).map_err(|e| invalid(format!("config blob {e}")))?;
         let parsed = parse_config(&blob).map_err(|e| unsupported(e.0))?;
         if let Some(mut available) = unchecked {
@@ -758,5 +958,71 @@ fn target<'a>(reference: &'a ImageRef, credential: Option<&'a Credential>) -> Ta
         registry: reference.registry(),
         repository: reference.repository(),
         credential,
+        endpoint: None,
     }
+}
+
+/// How one registry's requests go.
+#[derive(Debug, Clone)]
+enum Route {
+    /// No host configuration for it: to the registry itself, today's rules.
+    Direct,
+    /// The hosts of its hosts.toml, in order.
+    Hosts(Arc<[Endpoint]>),
+}
+
+/// Host configurations read from `--registry-config-path`, per registry
+/// (bounded, like every per-host map).
+#[derive(Debug)]
+struct HostsCache {
+    root: PathBuf,
+    loaded: quick_cache::sync::Cache<String, Arc<LoadedRoute>>,
+}
+
+#[derive(Debug)]
+struct LoadedRoute {
+    stamp: Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>,
+    route: Result<Route, RegistryError>,
+}
+
+/// Which hosts of a hosts.toml a request may go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    /// A tag: hosts that may `resolve` and `pull`.
+    Resolve,
+    /// A digest reference: hosts that may `pull`.
+    Pull,
+    /// Content by digest: every host, in order.
+    All,
+}
+
+impl Hosts {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Resolve => "resolve",
+            Self::Pull | Self::All => "pull",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Request<'a> {
+    Manifest(&'a str),
+    Head(&'a str),
+    Blob(&'a str),
+}
+
+impl Request<'_> {
+    fn what(&self) -> String {
+        match self {
+            Self::Manifest(r) | Self::Head(r) => format!("manifest {r}"),
+            Self::Blob(d) => format!("blob {d}"),
+        }
+    }
+}
+
+enum Fetched {
+    Manifest(client::Manifest),
+    Digest(Option<String>),
+    Blob(Vec<u8>),
 }

@@ -44,6 +44,7 @@ pub enum Kind {
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub query: String,
     pub kind: Kind,
     pub authorization: Option<String>,
 }
@@ -186,6 +187,7 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     shared.seen.lock().expect("seen").push(Seen {
         method: method.to_string(),
         path: request.uri().path().to_string(),
+        query: request.uri().query().unwrap_or_default().to_string(),
         kind,
         authorization: request
             .headers()

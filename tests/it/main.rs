@@ -18,6 +18,7 @@ mod monitoring;
 mod node;
 mod quickstart;
 pub mod resolve_auth;
+mod resolve_hosts;
 mod resolve_plain;
 mod resolve_shapes;
 mod resolve_tls;
@@ -54,6 +55,7 @@ pub fn settings() -> ResolverSettings {
         request_timeout: Duration::from_secs(10),
         resolve_timeout: Duration::from_secs(10),
         max_concurrent_fetches: 32,
+        registry_config_path: None,
         wait_for_files: false,
     }
 }

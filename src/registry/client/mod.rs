@@ -13,9 +13,12 @@
 //! and answers challenges, [`token`] talks to token servers, [`response`]
 //! turns statuses and bodies into typed errors within read limits.
 
+mod endpoint;
 mod response;
 mod token;
 mod transport;
+
+pub use self::endpoint::Endpoint;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -83,6 +86,18 @@ pub struct Target<'a> {
     pub registry: &'a str,
     pub repository: &'a str,
     pub credential: Option<&'a Credential>,
+    /// A host of the registry's hosts.toml to send to; `None`: the
+    /// registry itself, up the TLS ladder.
+    pub endpoint: Option<&'a Endpoint>,
+}
+
+impl Target<'_> {
+    /// The host requests go to, as metrics name it: the endpoint's when
+    /// there is one (a mirror), else the registry.
+    pub fn host_label(&self) -> &str {
+        self.endpoint
+            .map_or(self.registry, |e| e.authority.as_str())
+    }
 }
 
 /// A manifest as served.
@@ -271,6 +286,18 @@ impl RegistryClient {
         // may): climb the ladder again.
         self.rungs.clear();
         Ok(())
+    }
+
+    /// A client with this TLS configuration and the usual settings.
+    fn build_client(&self, tls: rustls::ClientConfig) -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .user_agent(USER_AGENT)
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(redirect_policy(self.insecure.clone()))
+            .build()
     }
 
     /// Is `registry` allowed over plain HTTP (`--insecure-registry`)?

@@ -203,6 +203,7 @@ mod tests {
             registry: "reg.example.com",
             repository: "fns/x",
             credential: None,
+            endpoint: None,
         }
     }
 

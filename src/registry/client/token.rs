@@ -68,7 +68,12 @@ impl RegistryClient {
                 });
             }
         }
-        let token_client = self.ca.load().token.clone();
+        // A host of hosts.toml asks its token server over its own
+        // connection, as containerd's per-host authorizer does.
+        let token_client = match target.endpoint {
+            Some(endpoint) => endpoint.client.clone(),
+            None => self.ca.load().token.clone(),
+        };
         let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
         if let Some(service) = service {
             query.push(("service", service));
@@ -95,7 +100,7 @@ impl RegistryClient {
         let started = Instant::now();
         let result = request.send().await;
         self.observe(
-            registry,
+            target.host_label(),
             RequestKind::Token,
             result.as_ref().ok().map(|r| r.status().as_u16()),
             started,

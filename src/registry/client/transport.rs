@@ -63,6 +63,32 @@ impl RegistryClient {
         kind: RequestKind,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
+        if let Some(endpoint) = target.endpoint {
+            // A host of hosts.toml: its own scheme and TLS, no ladder.
+            let url = endpoint.url(path);
+            let mut attempt = self
+                .exchange(&endpoint.client, &url, target, &method, kind)
+                .await;
+            if matches!(
+                attempt,
+                Err(Attempt::Failed(RegistryError::Unreachable { .. }))
+            ) {
+                attempt = self
+                    .exchange(&endpoint.client, &url, target, &method, kind)
+                    .await;
+            }
+            return match attempt {
+                Ok(resp) => Ok(resp),
+                Err(Attempt::Tls(detail)) => Err(RegistryError::Tls {
+                    registry: target.registry.to_string(),
+                    detail: format!("{detail} (host {} of hosts.toml)", endpoint.authority),
+                }),
+                Err(Attempt::Failed(e)) => {
+                    debug!(registry = target.registry, host = %endpoint.authority, what, error = %e, "registry request failed");
+                    Err(e)
+                }
+            };
+        }
         let ladder = self.ladder(target);
         let mut last_tls = String::new();
         for (i, rung) in ladder.iter().copied().enumerate() {
@@ -138,23 +164,46 @@ impl RegistryClient {
             Rung::PlainHttp => (self.system.clone(), "http"),
         };
         let url = format!("{scheme}://{}{path}", target.host);
+        self.exchange(&client, &url, target, method, kind).await
+    }
+
+    /// One request and, on a 401, the challenge's answer and one retry.
+    async fn exchange(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        target: &Target<'_>,
+        method: &Method,
+        kind: RequestKind,
+    ) -> Result<reqwest::Response, Attempt> {
+        let label = target.host_label();
         let scope = format!("repository:{}:pull", target.repository);
         let mut authorization = self
             .authorization(target, &scope)
             .await
             .map_err(Attempt::Failed)?;
         let mut retried = false;
+        // A host whose hosts.toml header carries the authorization: sent as
+        // it is, and no challenge is answered (containerd sends the header
+        // with every request to that host).
+        let preset = target.endpoint.is_some_and(|e| e.authorizes());
+        if preset {
+            authorization = None;
+        }
         loop {
             let mut request = client
-                .request(method.clone(), &url)
+                .request(method.clone(), url)
                 .header(header::ACCEPT, MANIFEST_ACCEPT);
+            if let Some(endpoint) = target.endpoint {
+                request = request.headers(endpoint.headers.clone());
+            }
             if let Some(value) = &authorization {
                 request = request.header(header::AUTHORIZATION, value.as_str());
             }
             let started = Instant::now();
             let result = request.send().await;
             self.observe(
-                target.registry,
+                label,
                 kind,
                 result.as_ref().ok().map(|r| r.status().as_u16()),
                 started,
@@ -164,10 +213,10 @@ impl RegistryClient {
                 let limit = rate_limit_header(resp.headers(), "ratelimit-limit");
                 let remaining = rate_limit_header(resp.headers(), "ratelimit-remaining");
                 if limit.is_some() || remaining.is_some() {
-                    o.rate_limit(target.registry, limit, remaining);
+                    o.rate_limit(label, limit, remaining);
                 }
             }
-            if resp.status() != StatusCode::UNAUTHORIZED || retried {
+            if resp.status() != StatusCode::UNAUTHORIZED || retried || preset {
                 return Ok(resp);
             }
             retried = true;
