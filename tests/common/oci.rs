@@ -85,9 +85,29 @@ pub fn image(
 }
 
 /// An image whose config is `config` as given (any keys, any platform or
-/// none), with one layer unique to `name`.
-pub fn image_with_config(name: &str, config: Value, docker: bool) -> Image {
-    image_with_config_text(name, &config.to_string(), docker)
+/// none), with one real layer unique to `name`: its `rootfs` is set to
+/// that layer, so that containerd can unpack the image too.
+pub fn image_with_config(name: &str, mut config: Value, docker: bool) -> Image {
+    let (layer, diff_id) = layer_of(&[File::new(
+        &format!("fnir-test/{}", name.replace('/', "_")),
+        format!("layer of {name}").as_bytes(),
+        0o644,
+    )]);
+    if let Some(object) = config.as_object_mut() {
+        object.insert(
+            "rootfs".into(),
+            json!({"type": "layers", "diff_ids": [diff_id]}),
+        );
+    }
+    let platform = platform_of(&config);
+    let config = Blob::new(config.to_string().into_bytes());
+    manifest_of(config, layer, docker, platform)
+}
+
+/// The `os` and `architecture` a config says (empty when it says none).
+fn platform_of(config: &Value) -> (String, String) {
+    let field = |key: &str| config[key].as_str().unwrap_or_default().to_string();
+    (field("os"), field("architecture"))
 }
 
 /// The same with the config's exact text (keys in the order written:
@@ -95,13 +115,7 @@ pub fn image_with_config(name: &str, config: Value, docker: bool) -> Image {
 pub fn image_with_config_text(name: &str, config: &str, docker: bool) -> Image {
     let layer = Blob::new(format!("layer of {name}").into_bytes());
     let parsed: Value = serde_json::from_str(config).expect("config json");
-    let platform = (
-        parsed["os"].as_str().unwrap_or_default().to_string(),
-        parsed["architecture"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    );
+    let platform = platform_of(&parsed);
     let config = Blob::new(config.as_bytes().to_vec());
     manifest_of(config, layer, docker, platform)
 }

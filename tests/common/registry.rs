@@ -60,12 +60,26 @@ impl Registry {
         auth: Auth,
         storage: Option<&Path>,
     ) -> Self {
+        Self::start_with(ip, port, tls, auth, storage, false)
+    }
+
+    /// The same, writing an access log (one line per request, with the
+    /// client's User-Agent: who asked what) when `access_log`.
+    pub fn start_with(
+        ip: &str,
+        port: u16,
+        tls: Option<&Issued>,
+        auth: Auth,
+        storage: Option<&Path>,
+        access_log: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = storage
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("storage"));
         let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {ip}:{port}\n  secret: fn-image-resolver-tests\n",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {ip}:{port}\n  secret: fn-image-resolver-tests\n",
+            !access_log,
             storage.display()
         );
         if let Some(issued) = tls {

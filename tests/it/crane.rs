@@ -200,12 +200,52 @@ const EXPECTED: &[Row] = &[
     ),
 ];
 
-#[tokio::test]
-async fn where_we_and_go_containerregistry_differ_is_written_down() {
-    let env = PlainEnv::start().await;
-    let pusher = Pusher::new(env.registry.url(), reqwest::Client::new());
-    let no_credentials = tempfile::tempdir().expect("tempdir");
+/// The image shapes of the comparison, each pushed as `fns/<shape>:v1`,
+/// and every image in them with its label (its entrypoint is `/<label>`).
+pub(crate) struct Shapes {
+    pub images: Vec<(&'static str, Image)>,
+    pub shapes: Vec<(&'static str, Result<Image, Index>)>,
+}
 
+impl Shapes {
+    /// Pushes every shape to `repo_prefix/<shape>:v1`; the digest each pins.
+    pub async fn push(&self, pusher: &Pusher, repo_prefix: &str) -> HashMap<&'static str, String> {
+        let mut pinned = HashMap::new();
+        for (shape, target) in &self.shapes {
+            let repo = format!("{repo_prefix}/{shape}");
+            match target {
+                Ok(image) => pusher.image(&repo, "v1", image).await,
+                Err(index) => pusher.index(&repo, "v1", index).await,
+            }
+            let digest = match target {
+                Ok(image) => image.digest.clone(),
+                Err(index) => index.digest.clone(),
+            };
+            pinned.insert(*shape, digest);
+        }
+        pinned
+    }
+
+    /// Labels by entrypoint (what our resolver hands out).
+    pub fn by_entrypoint(&self) -> HashMap<String, &'static str> {
+        self.images
+            .iter()
+            .map(|(label, _)| (format!("/{label}"), *label))
+            .collect()
+    }
+
+    /// Labels by config digest (what crane prints, what containerd fetches).
+    pub fn by_config(&self) -> HashMap<String, &'static str> {
+        self.images
+            .iter()
+            .map(|(label, image)| (image.config.digest.clone(), *label))
+            .collect()
+    }
+}
+
+/// The shapes: single images, OCI and Docker indexes, BuildKit's
+/// attestations, variants, platformless entries, nested indexes.
+pub(crate) fn shapes() -> Shapes {
     // Every image is labelled by its entrypoint (ours) and its config digest
     // (crane prints the config it chose).
     let mut images: Vec<(&'static str, Image)> = Vec::new();
@@ -216,7 +256,7 @@ async fn where_we_and_go_containerregistry_differ_is_written_down() {
     let amd = json!({"os": "linux", "architecture": "amd64"});
     let arm = json!({"os": "linux", "architecture": "arm64"});
 
-    let mut shapes: Vec<(&str, Result<Image, Index>)> = vec![
+    let mut shapes: Vec<(&'static str, Result<Image, Index>)> = vec![
         (
             "single",
             Ok(remember("single", labelled("single", "linux", "amd64"))),
@@ -384,19 +424,16 @@ async fn where_we_and_go_containerregistry_differ_is_written_down() {
     shapes.push(("nested", Err(nested)));
     shapes.push(("nested-5", Err(five)));
 
-    let mut pinned: HashMap<&str, String> = HashMap::new();
-    for (shape, target) in &shapes {
-        let repo = format!("fns/{shape}");
-        match target {
-            Ok(image) => pusher.image(&repo, "v1", image).await,
-            Err(index) => pusher.index(&repo, "v1", index).await,
-        }
-        let digest = match target {
-            Ok(image) => image.digest.clone(),
-            Err(index) => index.digest.clone(),
-        };
-        pinned.insert(shape, digest);
-    }
+    Shapes { images, shapes }
+}
+
+#[tokio::test]
+async fn where_we_and_go_containerregistry_differ_is_written_down() {
+    let env = PlainEnv::start().await;
+    let pusher = Pusher::new(env.registry.url(), reqwest::Client::new());
+    let no_credentials = tempfile::tempdir().expect("tempdir");
+    let built = shapes();
+    let pinned = built.push(&pusher, "fns").await;
     // The same image named by a digest in upper-case hex.
     let single_digest = pinned["single"].clone();
     let upper_ref = format!(
@@ -405,14 +442,8 @@ async fn where_we_and_go_containerregistry_differ_is_written_down() {
         single_digest.trim_start_matches("sha256:").to_uppercase()
     );
 
-    let by_entrypoint: HashMap<String, &'static str> = images
-        .iter()
-        .map(|(label, _)| (format!("/{label}"), *label))
-        .collect();
-    let by_config: HashMap<String, &'static str> = images
-        .iter()
-        .map(|(label, image)| (image.config.digest.clone(), *label))
-        .collect();
+    let by_entrypoint = built.by_entrypoint();
+    let by_config = built.by_config();
 
     let r = resolver(&env.settings());
     let mut actual = Vec::new();

@@ -504,6 +504,15 @@ async fn deploy_and_webhook_config_apply_and_the_rbac_is_least_privilege() {
         "{out}"
     );
 
+    // The node's registry host configuration, read-only through hostPath.
+    let overlay = deploy_with_component("registry-hosts-from-node");
+    let (ok, out) = server_dry_run(&admin, overlay.path());
+    assert!(
+        ok && out.contains("/etc/containerd/certs.d")
+            && out.contains("FN_IMAGE_RESOLVER_REGISTRY_CONFIG_PATH"),
+        "{out}"
+    );
+
     // The mounted-certificate component: the same Deployment, files instead
     // of the managed Secret.
     let overlay = deploy_with_component("mounted-certs");

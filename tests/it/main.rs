@@ -17,6 +17,7 @@ mod mirror;
 mod monitoring;
 mod node;
 mod quickstart;
+mod referee;
 pub mod resolve_auth;
 mod resolve_hosts;
 mod resolve_plain;

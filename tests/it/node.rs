@@ -34,7 +34,7 @@ const MESSAGE: &str = "entrypoint-from-the-pinned-image";
 
 /// Enters the cluster (see [`cluster::enter`]) after filling, outside it,
 /// the caches scripts/build-image.sh needs (there is no route out inside).
-fn enter_with_image_caches(test: &str) -> bool {
+pub(crate) fn enter_with_image_caches(test: &str) -> bool {
     if !cluster::inside() {
         let status = Command::new(format!("{REPO}/scripts/build-image.sh"))
             .arg("--fetch")
@@ -47,7 +47,7 @@ fn enter_with_image_caches(test: &str) -> bool {
 
 /// Builds the project's image with scripts/build-image.sh and pushes it to
 /// the cluster's registry; its pinned reference.
-fn project_image() -> String {
+pub(crate) fn project_image() -> String {
     let reference = format!("{}/fn-image-resolver:test", cluster::cluster().registry);
     let out = Command::new(format!("{REPO}/scripts/build-image.sh"))
         .args(["--insecure", &reference])
@@ -223,12 +223,12 @@ async fn the_image_is_what_the_dockerfile_describes_and_holds_only_what_it_runs(
 
 /// The images of a Porch function pod: the function (its entrypoint prints
 /// [`MESSAGE`]) and a stand-in of Porch's wrapper-server image.
-struct FunctionImages {
-    function: Image,
-    wrapper: Image,
+pub(crate) struct FunctionImages {
+    pub function: Image,
+    pub wrapper: Image,
 }
 
-fn function_images() -> FunctionImages {
+pub(crate) fn function_images() -> FunctionImages {
     let bin = std::fs::read(cluster::testbin()).expect("testbin");
     FunctionImages {
         function: oci::runnable_image(
@@ -252,7 +252,7 @@ fn function_images() -> FunctionImages {
     }
 }
 
-async fn push_function_images(pusher: &Pusher, images: &FunctionImages) {
+pub(crate) async fn push_function_images(pusher: &Pusher, images: &FunctionImages) {
     pusher
         .image("fns/set-namespace", "v0.4", &images.function)
         .await;
@@ -348,7 +348,7 @@ fn pod_state(namespace: &str, name: &str) -> (String, bool, String) {
     (phase, ready, waiting.join(","))
 }
 
-fn wait_running_and_ready(namespace: &str, name: &str) {
+pub(crate) fn wait_running_and_ready(namespace: &str, name: &str) {
     wait_for(
         &format!("pod {namespace}/{name} Running and Ready"),
         Duration::from_secs(120),
@@ -406,7 +406,16 @@ fn readyz(pod_ip: &str) -> (u16, Value) {
 
 /// The operator's kustomization over deploy/: only the image, and plain
 /// HTTP allowed for the cluster's registry (where that image is).
-fn operator_kustomization(image: &str) -> tempfile::TempDir {
+pub(crate) fn operator_kustomization(image: &str) -> tempfile::TempDir {
+    operator_kustomization_with(image, "", "")
+}
+
+/// The same with more `patches` entries and more top-level text.
+pub(crate) fn operator_kustomization_with(
+    image: &str,
+    patches: &str,
+    more: &str,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = "../".repeat(dir.path().components().count() - 1);
     let (name, digest) = image.split_once('@').expect("pinned image");
@@ -426,7 +435,7 @@ patches:
       - op: add
         path: /spec/template/spec/containers/0/args/-
         value: --insecure-registry={registry}
-",
+{patches}{more}",
             REPO.trim_start_matches('/')
         ),
     )
@@ -434,7 +443,47 @@ patches:
     dir
 }
 
-fn rollout_status(timeout: &str) {
+/// Porch's namespaces, fresh: whatever an earlier test installed is gone.
+pub(crate) fn reset_porch() {
+    let _ = kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "fn-image-resolver",
+        "--ignore-not-found",
+    ]);
+    delete_namespaces(&[PORCH_NS, FN_NS]);
+    porch_namespaces();
+}
+
+/// Waits until the API server reaches the webhook through its Service (a
+/// dry run of `pod` comes back with the webhook's annotations): the
+/// replicas can be Ready a moment before kube-proxy routes the Service to
+/// them, and meanwhile `failurePolicy: Ignore` admits pods as written.
+pub(crate) async fn wait_until_the_webhook_answers(pods: &Api<Pod>, pod: &Pod) {
+    use fn_image_resolver::admission::mutate::{ORIGINAL_IMAGES_ANNOTATION, UNPINNED_ANNOTATION};
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(would) = pods.create(&dry_run, pod).await {
+            let annotations = would.metadata.annotations.unwrap_or_default();
+            if annotations.contains_key(ORIGINAL_IMAGES_ANNOTATION)
+                || annotations.contains_key(UNPINNED_ANNOTATION)
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never answered through its Service"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub(crate) fn rollout_status(timeout: &str) {
     kubectl_ok(&[
         "-n",
         PORCH_NS,
@@ -447,7 +496,7 @@ fn rollout_status(timeout: &str) {
 
 /// Porch's namespaces, as Porch's own install makes them (the
 /// controller-manager adds their `default` ServiceAccounts).
-fn porch_namespaces() {
+pub(crate) fn porch_namespaces() {
     apply(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {PORCH_NS}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {FN_NS}}}\n"
     ));
@@ -464,7 +513,7 @@ fn porch_namespaces() {
     }
 }
 
-fn delete_namespaces(names: &[&str]) {
+pub(crate) fn delete_namespaces(names: &[&str]) {
     for ns in names {
         let _ = kubectl(&[
             "delete",
@@ -494,8 +543,8 @@ async fn operator_install_pins_function_pods_that_run_survives_a_rollout_and_uni
         return;
     }
     let c = cluster::cluster();
-    delete_namespaces(&[PORCH_NS, FN_NS, "fnir-control"]);
-    porch_namespaces();
+    delete_namespaces(&["fnir-control"]);
+    reset_porch();
     let image = project_image();
 
     // --- The install: no pull-secret source, no registry CA Secret (a
@@ -544,6 +593,7 @@ async fn operator_install_pins_function_pods_that_run_survives_a_rollout_and_uni
     push_function_images(&open, &images).await;
     let client = cluster::client().await;
     let fn_pods: Api<Pod> = Api::namespaced(client.clone(), FN_NS);
+    wait_until_the_webhook_answers(&fn_pods, &porch_pod(&c.registry, &c.registry)).await;
     let stored = create_pod(&fn_pods, &porch_pod(&c.registry, &c.registry))
         .await
         .expect("create a function pod");
@@ -776,7 +826,7 @@ async fn operator_install_pins_function_pods_that_run_survives_a_rollout_and_uni
 /// `kubectl delete -k` as the uninstall does it: foreground cascading, so
 /// that it returns once the replicas' pods are gone too (none of them can
 /// then bring back what `unregister` removes).
-fn uninstall_deploy(overlay: &tempfile::TempDir) {
+pub(crate) fn uninstall_deploy(overlay: &tempfile::TempDir) {
     kubectl_ok(&[
         "delete",
         "-k",
