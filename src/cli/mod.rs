@@ -2,6 +2,7 @@
 //! settings they make are in [`flags`].
 
 pub mod flags;
+pub mod reference;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -37,8 +38,10 @@ pub enum Command {
     /// Exits 1 if any image failed; its line then holds
     /// {"image": ..., "error": {"kind": ..., "message": ...}}.
     Resolve(ResolveArgs),
-    /// Run the long-lived service: the resolver endpoint (sidecar mode) with
-    /// the shared cache, health, readiness and metrics.
+    /// Run the long-lived service: the admission webhook (with a serving
+    /// certificate), the pull-secret mirror, the webhook registration, and
+    /// the resolver endpoint on loopback, sharing one cache; health,
+    /// readiness and metrics on both listeners.
     Serve(Box<ServeArgs>),
     /// Generate a CA and a serving certificate for <service>.<namespace>.svc.
     ///
@@ -50,9 +53,10 @@ pub enum Command {
     /// Uses in-cluster credentials or $KUBECONFIG. With --print, only prints it.
     Register(RegisterArgs),
     /// Delete what `serve` made in the cluster: the MutatingWebhookConfiguration
-    /// and, with --managed-tls-secret, that Secret (if this service made it).
+    /// and, with --managed-tls-secret and --registry-auth-secret-name, those
+    /// Secrets if this service made them.
     ///
-    /// Run it before deleting deploy/ (README, "Uninstall").
+    /// Run it after deleting deploy/, once the replicas are gone (docs/install.md).
     Unregister(UnregisterArgs),
     /// Exit 0 if URL answers 2xx within 3s (for exec probes of a loopback endpoint).
     Check {

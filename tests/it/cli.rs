@@ -336,3 +336,49 @@ fn the_deployment_gives_the_shutdown_delay_and_drain_time_to_finish() {
         "terminationGracePeriodSeconds {grace} leaves no margin over delay + drain ({needed} s)"
     );
 }
+
+/// docs/configuration.md is what the command-line definition says; when a
+/// flag is added, renamed or changed, this fails until the page is made
+/// again.
+#[test]
+fn the_configuration_reference_is_what_help_says() {
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .expect("docs/configuration.md");
+    let made = fn_image_resolver::cli::reference::markdown();
+    assert!(
+        page == made,
+        "docs/configuration.md is out of date: run `cargo run --example config_reference > docs/configuration.md`"
+    );
+    // And it lists every long flag --help shows, of every subcommand.
+    for sub in [
+        "resolve",
+        "serve",
+        "certs",
+        "register",
+        "unregister",
+        "check",
+    ] {
+        let out = Command::new(BIN)
+            .args([sub, "--help"])
+            .output()
+            .expect("run");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let line = line.trim_start();
+            if let Some(rest) = line.strip_prefix("--") {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                if name != "help" && name != "version" {
+                    assert!(
+                        page.contains(&format!("`--{name}")),
+                        "{sub} --{name} is not in docs/configuration.md"
+                    );
+                }
+            }
+        }
+    }
+}
