@@ -608,7 +608,7 @@ pub struct WebhookArgs {
 
     /// Pin the function container's image to its digest too. `false` for
     /// clusters whose Porch re-adopts its pods by `spec.containers[0].image`
-    /// (README, "Running beside Porch"): its entrypoint is still checked
+    /// (docs/porch.md, "Pod churn"): its entrypoint is still checked
     /// against the tag's current digest, and every other container is pinned.
     #[arg(long, env = "FN_IMAGE_RESOLVER_PIN_FUNCTION_IMAGE", value_parser = BoolishValueParser::new(),
           num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true,

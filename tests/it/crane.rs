@@ -4,8 +4,8 @@
 //! that it refuses), and the digest each pins. Where they differ, the table
 //! says why; our side follows containerd, which decides what the node runs.
 //! A change on either side (ours, or a crane upgrade in tests/crane/build.sh)
-//! fails this test until the table and the README's "How an image is
-//! resolved" are brought up to date.
+//! fails this test until the table and docs/resolution.md ("Where other
+//! tools choose otherwise") are brought up to date.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -498,7 +498,7 @@ async fn where_we_and_go_containerregistry_differ_is_written_down() {
         .collect();
     assert!(
         changed.is_empty(),
-        "a side changed: update the table and the README's differences\n{}",
+        "a side changed: update the table and docs/resolution.md\n{}",
         changed.join("\n")
     );
     // A difference is always explained, an agreement never needs to be

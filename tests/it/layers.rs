@@ -208,7 +208,7 @@ fn no_module_depends_on_a_module_that_depends_on_it() {
             );
         }
     }
-    // The layering the README draws, spot-checked.
+    // The layering docs/development.md draws, spot-checked.
     let depends = |a: &str, b: &str| top.get(a).is_some_and(|d| d.contains(b));
     for (a, b) in [
         ("app", "server"),

@@ -5,9 +5,9 @@
 //! (429 `Retry-After`, typed not-found vs unauthorized), one shared client for
 //! all credentials, authentication driven by the challenge of the request we
 //! actually need (oci-client pings `/v2/` before every first pull of a
-//! repository), tokens shared across concurrent requests, the seed's
+//! repository), tokens shared across concurrent requests, Porch's
 //! TLS → system roots → plain HTTP ladder per host, and hard size limits on
-//! what we read. See the README's design section.
+//! what we read. See docs/development.md, "Design".
 //!
 //! Here: the client and its three reads; [`transport`] climbs the TLS ladder
 //! and answers challenges, [`token`] talks to token servers, [`response`]
