@@ -87,24 +87,7 @@ fn the_alerts_pass_promtool_and_their_unit_tests() {
 
 #[test]
 fn alerts_and_dashboard_ask_for_metrics_the_service_exports() {
-    // Every family once, so that each is in the text (an empty one is not).
-    use fn_image_resolver::registry::client::{RequestKind, RequestObserver as _};
-    let metrics = fn_image_resolver::metrics::Metrics::new();
-    let d = std::time::Duration::from_millis(1);
-    metrics.observe("r.example.com", RequestKind::Manifest, Some(200), d);
-    metrics.rate_limit("r.example.com", Some(100), Some(90));
-    metrics.cache_lookup("hit");
-    metrics.cache_revalidation("refreshed");
-    metrics.secret_sync("unchanged");
-    metrics.secret_synced_now();
-    metrics.secret_propagation(d);
-    metrics.admission_review("patched");
-    metrics.admission_unpinned("deadline");
-    metrics.admission_entrypoints_replaced(1);
-    metrics.prewarm("cached");
-    metrics.handler_panic("/mutate");
-    metrics.token_review("allowed");
-    metrics.http_request("/mutate", "200", d);
+    let metrics = every_family_once();
     let exported: BTreeSet<String> = metrics
         .encode()
         .lines()
@@ -152,4 +135,30 @@ fn alerts_and_dashboard_ask_for_metrics_the_service_exports() {
             && rendered.contains("fn-image-resolver.json: |"),
         "{rendered}"
     );
+}
+
+/// Metrics with every family used once, so that each is in the text (an
+/// empty family is not).
+pub fn every_family_once() -> std::sync::Arc<fn_image_resolver::metrics::Metrics> {
+    use fn_image_resolver::registry::client::{RequestKind, RequestObserver as _};
+    let metrics = fn_image_resolver::metrics::Metrics::new();
+    let d = std::time::Duration::from_millis(1);
+    metrics.observe("r.example.com", RequestKind::Manifest, Some(200), d);
+    metrics.rate_limit("r.example.com", Some(100), Some(90));
+    metrics.cache_lookup("hit");
+    metrics.cache_revalidation("refreshed");
+    metrics.secret_sync("unchanged");
+    metrics.secret_synced_now();
+    metrics.secret_propagation(d);
+    metrics.admission_review("patched");
+    metrics.admission_unpinned("deadline");
+    metrics.admission_entrypoints_replaced(1);
+    metrics.prewarm("cached");
+    metrics.handler_panic("/mutate");
+    metrics.token_review("allowed");
+    metrics.http_request("/mutate", "200", d);
+    metrics.serving_certificate_write("created");
+    metrics.configure_registries(["r.example.com".to_string()]);
+    drop(metrics.request_started());
+    metrics
 }

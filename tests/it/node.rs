@@ -608,6 +608,7 @@ async fn operator_install_pins_function_pods_that_run_survives_a_rollout_and_uni
     );
     let name = stored.metadata.name.clone().expect("name");
     wait_running_and_ready(FN_NS, &name);
+    the_documented_check_shows_pinned_images(&c.registry);
 
     // --- Private registries appear: Porch's guide makes the source Secret
     // (and here a registry CA Secret); the replicas take both up without a
@@ -821,6 +822,54 @@ async fn operator_install_pins_function_pods_that_run_survives_a_rollout_and_uni
     assert!(said.contains("left as it is"), "{said}");
     kubectl_ok(&["-n", FN_NS, "get", "secret", "registry-auth-secret"]);
     delete_namespaces(&[FN_NS, PORCH_NS]);
+}
+
+/// The install check the README gives (a server-side dry run of
+/// docs/examples/function-pod.yaml), with the example's images moved to the
+/// cluster's registry: both come back pinned, nothing is created.
+fn the_documented_check_shows_pinned_images(registry: &str) {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/examples/function-pod.yaml"
+    ))
+    .expect("docs/examples/function-pod.yaml");
+    let moved = example
+        .replace(
+            "ghcr.io/kptdev/porch-wrapper-server:latest",
+            &format!("{registry}/nephio/porch-wrapper-server:v4"),
+        )
+        .replace(
+            "gcr.io/kpt-fn/set-namespace:v0.4.1",
+            &format!("{registry}/fns/set-namespace:v0.4"),
+        );
+    assert_ne!(moved, example, "the example's images moved");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("function-pod.yaml");
+    std::fs::write(&file, moved).expect("write");
+    let before = kubectl_ok(&["-n", FN_NS, "get", "pods", "-o", "name"]);
+    let out = kubectl_ok(&[
+        "-n",
+        FN_NS,
+        "create",
+        "--dry-run=server",
+        "-o",
+        "yaml",
+        "-f",
+        &file.display().to_string(),
+    ]);
+    let pod: Pod = serde_saphyr::from_str(&out).expect("a pod");
+    let pinned = images_of(&pod);
+    assert_eq!(pinned.len(), 2, "{out}");
+    assert!(pinned.iter().all(|i| is_pinned(i)), "{out}");
+    assert!(
+        out.contains("fn-image-resolver.porch.kpt.dev/original-images"),
+        "{out}"
+    );
+    assert_eq!(
+        kubectl_ok(&["-n", FN_NS, "get", "pods", "-o", "name"]),
+        before,
+        "a dry run creates nothing"
+    );
 }
 
 /// `kubectl delete -k` as the uninstall does it: foreground cascading, so
